@@ -1,0 +1,19 @@
+"""sliceattn: recurrent slice-wise attention (RSANet, MICCAI 2019) for 3-D CNNs."""
+
+from ._checks import AXIS_NAMES
+from .functional import residual_slice_attention, slice_attention
+from .layers import QKVProjection, RecurrentSliceAttention3d, SliceAttention3d
+from .nonlocal_block import NonLocal3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AXIS_NAMES",
+    "NonLocal3d",
+    "QKVProjection",
+    "RecurrentSliceAttention3d",
+    "SliceAttention3d",
+    "__version__",
+    "residual_slice_attention",
+    "slice_attention",
+]

@@ -1,0 +1,78 @@
+"""Argument checks shared by the public functions and layers (the library's one boundary)."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import Tensor
+
+AxisLike = Union[int, str]
+
+#: Anatomical names of the spatial dims of a ``(B, C, D, H, W)`` tensor (reference-code convention).
+AXIS_NAMES: dict[str, int] = {"axial": 2, "coronal": 3, "sagittal": 4}
+
+
+def resolve_axis(axis: AxisLike, ndim: int = 5, name: str = "axis") -> int:
+    """Turn ``axis`` (a spatial dim index, negative index, or anatomical name) into a dim index.
+
+    Args:
+        axis: ``2 .. ndim-1``, ``-(ndim-2) .. -1``, or ``"axial"``/``"coronal"``/``"sagittal"``
+            (names need ``ndim == 5``).
+        ndim: rank of the ``(B, C, *spatial)`` tensor.
+        name: argument name used in error messages.
+
+    Returns:
+        The non-negative dim index of a spatial axis.
+    """
+    if isinstance(axis, str):
+        key = axis.lower()
+        if key not in AXIS_NAMES:
+            raise ValueError(f"{name}={axis!r} is not an axis name; expected one of {sorted(AXIS_NAMES)}")
+        if ndim != 5:
+            raise ValueError(f"{name}={axis!r}: axis names need a 5-D (B, C, D, H, W) tensor, got {ndim}-D")
+        return AXIS_NAMES[key]
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"{name} must be an int or an axis name, got {type(axis).__name__}")
+    dim = axis + ndim if axis < 0 else axis
+    if not 2 <= dim < ndim:
+        raise ValueError(
+            f"{name}={axis} is not a spatial axis of a {ndim}-D (B, C, *spatial) tensor; "
+            f"expected 2..{ndim - 1} or -{ndim - 2}..-1"
+        )
+    return dim
+
+
+def check_feature_map(x: object, name: str = "input", *, ndim: int | None = None, channels: int | None = None) -> None:
+    """Check that ``x`` is a floating ``(B, C, *spatial)`` tensor with the given rank and channels."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not (x.is_floating_point()):
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D (B, C, D, H, W), got shape {tuple(x.shape)}")
+    if x.dim() < 3:
+        raise ValueError(f"{name} must be (B, C, *spatial) with at least one spatial dim, got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name} has {x.shape[1]} channels, but the block was built for channels={channels}")
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` if it is a positive ``int``, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise naming ``name``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {list(choices)}")
+    return value  # type: ignore[return-value]
+
+
+def low_precision(x: Tensor) -> bool:
+    """True when ``x`` is half/bfloat16 or autocast is on for its device (so float32 must be forced)."""
+    return x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(x.device.type)

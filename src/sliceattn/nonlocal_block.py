@@ -1,0 +1,75 @@
+"""The non-local block (Wang et al., "Non-local Neural Networks", CVPR 2018), embedded Gaussian.
+
+The baseline RSANet is measured against: every voxel attends to every voxel through an
+``N x N`` map (``N = D*H*W``), which is what slice attention avoids.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_feature_map, check_positive_int
+
+
+class NonLocal3d(nn.Module):
+    """Embedded-Gaussian non-local block: ``z = BN(W(softmax(theta^T phi) g)) + x``.
+
+    Args:
+        channels: ``C`` of the ``(B, C, D, H, W)`` input.
+        inter_channels: ``C'`` of theta/phi/g (default ``channels // 2``, at least 1).
+        sub_sample: max-pool phi and g by 2 in H and W (the map shrinks to ``N x N/4``).
+        norm: BatchNorm after ``W`` with weight and bias at zero (identity at init); without it
+            ``W`` itself starts at zero.
+
+    Shape:
+        ``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``. Memory grows as ``B * N^2`` (float32 map).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        inter_channels: Optional[int] = None,
+        sub_sample: bool = False,
+        norm: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_positive_int(channels, "channels")
+        inter = max(channels // 2, 1) if inter_channels is None else check_positive_int(inter_channels, "inter_channels")
+        factory = {"device": device, "dtype": dtype}
+        self.channels, self.inter_channels, self.sub_sample = channels, inter, bool(sub_sample)
+        self.theta = nn.Conv3d(channels, inter, 1, **factory)
+        self.phi = nn.Conv3d(channels, inter, 1, **factory)
+        self.g = nn.Conv3d(channels, inter, 1, **factory)
+        self.pool = nn.MaxPool3d((1, 2, 2)) if sub_sample else nn.Identity()
+        out = nn.Conv3d(inter, channels, 1, **factory)
+        if norm:
+            bn = nn.BatchNorm3d(channels, **factory)
+            nn.init.zeros_(bn.weight)
+            nn.init.zeros_(bn.bias)
+            self.W: nn.Module = nn.Sequential(out, bn)
+        else:
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+            self.W = out
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``."""
+        check_feature_map(x, "input", ndim=5, channels=self.channels)
+        if self.sub_sample and (x.shape[3] < 2 or x.shape[4] < 2):
+            raise ValueError(f"sub_sample=True needs H, W >= 2, got input shape {tuple(x.shape)}")
+        batch = x.shape[0]
+        theta = self.theta(x).flatten(2)  # (B, C', N)
+        phi = self.pool(self.phi(x)).flatten(2)  # (B, C', N')
+        g = self.pool(self.g(x)).flatten(2)  # (B, C', N')
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = torch.promote_types(theta.dtype, torch.float32)
+            # logits sum C' products per pair: float32 at least, like the slice attention
+            attention = torch.softmax(torch.bmm(theta.mT.to(dtype), phi.to(dtype)), dim=-1)  # (B, N, N')
+            y = torch.bmm(g, attention.mT.to(g.dtype))  # (B, C', N)
+        return self.W(y.view(batch, self.inter_channels, *x.shape[2:])) + x
