@@ -21,6 +21,31 @@ from .functional import IMPLS, Impl, Scale, residual_slice_attention, resolve_sc
 _DIM_NAMES = {dim: name for name, dim in AXIS_NAMES.items()}
 
 
+#: Below this many voxels per channel a 1x1x1 ``F.conv3d`` beats the batched matmul on CPU
+#: (forward+backward, torch 2.13, 2 threads: 1.3-1.5x at N = 32, break-even near N = 256).
+MATMUL_MIN_VOXELS = 512
+
+
+def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """A 1x1x1 convolution: ``(B, C, D, H, W)`` -> ``(B, O, D, H, W)``, ``weight`` ``(O, C, 1, 1, 1)``.
+
+    From ``MATMUL_MIN_VOXELS`` voxels on, it is one batched matmul on ``(B, C, N)`` views
+    (contiguous or channels_last_3d input, no copy): measured on CPU against ``F.conv3d``,
+    1.4-2.3x faster forward+backward and half the forward peak memory (the convolution
+    allocates its output twice). Smaller maps, where the batched weight gradient dominates,
+    use ``F.conv3d``.
+    """
+    if x[0, 0].numel() < MATMUL_MIN_VOXELS:
+        return F.conv3d(x, weight, bias)
+    batch = x.shape[0]
+    matrix = weight.flatten(1).expand(batch, -1, -1)
+    if bias is None:
+        out = torch.bmm(matrix, x.flatten(2))
+    else:
+        out = torch.baddbmm(bias.view(1, -1, 1), matrix, x.flatten(2))
+    return out.view(batch, -1, *x.shape[2:])
+
+
 class QKVProjection(nn.Module):
     """Query, key and value as one 1x1x1 convolution with ``2 * qk_channels + channels`` outputs.
 
@@ -42,12 +67,12 @@ class QKVProjection(nn.Module):
         """``(B, C, D, H, W)`` -> query, key ``(B, qk_channels, D, H, W)``, value ``(B, C, D, H, W)``."""
         split = [self.qk_channels, self.qk_channels, self.channels]
         if not low_precision(x):
-            query, key, value = F.conv3d(x, self.weight, self.bias).split(split, dim=1)
+            query, key, value = pointwise_conv(x, self.weight, self.bias).split(split, dim=1)
             return query, key, value
         qk = 2 * self.qk_channels
         with torch.autocast(x.device.type, enabled=False):
-            query, key = F.conv3d(x.float(), self.weight[:qk].float(), self.bias[:qk].float()).split(split[:2], dim=1)
-        return query, key, F.conv3d(x, self.weight[qk:], self.bias[qk:])
+            query, key = pointwise_conv(x.float(), self.weight[:qk].float(), self.bias[:qk].float()).split(split[:2], dim=1)
+        return query, key, pointwise_conv(x, self.weight[qk:], self.bias[qk:])
 
 
 def _check_options(channels: int, projection: bool, qk_channels: Optional[int], impl: str) -> int:

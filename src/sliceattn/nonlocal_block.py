@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_feature_map, check_positive_int
+from .layers import pointwise_conv
 
 
 class NonLocal3d(nn.Module):
@@ -64,9 +65,10 @@ class NonLocal3d(nn.Module):
         if self.sub_sample and (x.shape[3] < 2 or x.shape[4] < 2):
             raise ValueError(f"sub_sample=True needs H, W >= 2, got input shape {tuple(x.shape)}")
         batch = x.shape[0]
-        theta = self.theta(x).flatten(2)  # (B, C', N)
-        phi = self.pool(self.phi(x)).flatten(2)  # (B, C', N')
-        g = self.pool(self.g(x)).flatten(2)  # (B, C', N')
+        # the same matmul form of the 1x1x1 convolutions as the slice attention, for a fair comparison
+        theta = pointwise_conv(x, self.theta.weight, self.theta.bias).flatten(2)  # (B, C', N)
+        phi = self.pool(pointwise_conv(x, self.phi.weight, self.phi.bias)).flatten(2)  # (B, C', N')
+        g = self.pool(pointwise_conv(x, self.g.weight, self.g.bias)).flatten(2)  # (B, C', N')
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.promote_types(theta.dtype, torch.float32)
             # logits sum C' products per pair: float32 at least, like the slice attention
