@@ -75,21 +75,22 @@ class QKVProjection(nn.Module):
         return query, key, pointwise_conv(x, self.weight[qk:], self.bias[qk:])
 
 
-def _check_options(channels: int, projection: bool, qk_channels: Optional[int], impl: str) -> int:
+def _projection(
+    channels: int, projection: bool, qk_channels: Optional[int], scale: Scale, impl: str, device, dtype
+) -> Optional[QKVProjection]:
+    """Validate the options the two layers share; return their projection (None without one)."""
     check_positive_int(channels, "channels")
     if not isinstance(projection, bool):
         raise TypeError(f"projection must be a bool, got {type(projection).__name__}")
     check_choice(impl, "impl", IMPLS)
-    if qk_channels is None:
-        return channels
+    resolve_scale(scale, torch.empty(1, 1, 1), 2)  # a bad scale fails here, not at the first forward
+    if qk_channels is not None:
+        if not projection:
+            raise ValueError(f"qk_channels={qk_channels} needs projection=True (without projections query/key are the input)")
+        check_positive_int(qk_channels, "qk_channels")
     if not projection:
-        raise ValueError(f"qk_channels={qk_channels} needs projection=True (without projections query/key are the input)")
-    return check_positive_int(qk_channels, "qk_channels")
-
-
-def _check_scale(scale: Scale) -> None:
-    """Validate ``scale`` at construction so a bad value fails before the first forward."""
-    resolve_scale(scale, torch.empty(1, 1, 1), 2)
+        return None
+    return QKVProjection(channels, qk_channels or channels, device=device, dtype=dtype)
 
 
 class SliceAttention3d(nn.Module):
@@ -123,10 +124,8 @@ class SliceAttention3d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        qk = _check_options(channels, projection, qk_channels, impl)
-        _check_scale(scale)
+        self.projection = _projection(channels, projection, qk_channels, scale, impl, device, dtype)
         self.channels, self.dim, self.scale, self.impl = channels, resolve_axis(axis), scale, impl
-        self.projection = QKVProjection(channels, qk, device=device, dtype=dtype) if projection else None
         self.alpha = nn.Parameter(torch.full((), float(alpha_init), device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -179,8 +178,7 @@ class RecurrentSliceAttention3d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        qk = _check_options(channels, projection, qk_channels, impl)
-        _check_scale(scale)
+        self.projection = _projection(channels, projection, qk_channels, scale, impl, device, dtype)
         if isinstance(order, str) or not isinstance(order, Sequence) or len(order) == 0:
             raise TypeError(f"order must be a non-empty sequence of axes, got {order!r}")
         dims = tuple(resolve_axis(axis, name="order") for axis in order)
@@ -190,7 +188,6 @@ class RecurrentSliceAttention3d(nn.Module):
             raise ValueError("project_once=True needs projection=True")
         self.channels, self.dims, self.scale, self.impl = channels, dims, scale, impl
         self.project_once, self.checkpoint = bool(project_once), bool(checkpoint)
-        self.projection = QKVProjection(channels, qk, device=device, dtype=dtype) if projection else None
         # one plain Parameter holding every step's gate (nn.ParameterList breaks DataParallel replicas)
         self.alpha = nn.Parameter(torch.full((len(dims),), float(alpha_init), device=device, dtype=dtype))
 
