@@ -1,0 +1,583 @@
+"""Reading MS-lesion datasets: NIfTI files in, checked and normalised arrays in model layout out.
+
+Two on-disk layouts are supported (see ``docs/ms_lesion.md``):
+
+* nnU-Net v2 / Medical Segmentation Decathlon: ``imagesTr/<case>_<XXXX>.nii.gz`` with the channel
+  order read from ``dataset.json`` (``channel_names``, or MSD's ``modality``), ``labelsTr/<case>.nii.gz``;
+* one folder per subject, files matched by case-insensitive glob patterns (``DEFAULT_PATTERNS``).
+
+Every volume is reoriented to RAS with nibabel, then transposed so that the through-plane axis
+(largest voxel spacing) comes first: the model layout ``(D, H, W)``. For an axial scan that is
+``(axial, coronal, sagittal)`` = ``(z, y, x)``, the axis convention of ``sliceattn``.
+``Case.to_original`` undoes both steps exactly, so predictions can be written back on the source grid.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornt
+from scipy import ndimage
+
+MODALITIES: tuple[str, ...] = ("t1", "t2", "flair")
+LAYOUTS: tuple[str, ...] = ("auto", "nnunet", "subject-folders")
+LABEL2_MODES: tuple[str, ...] = ("error", "ignore", "lesion")
+CENTRES: tuple[str, ...] = ("brain", "anywhere")
+IGNORE_LABEL = 255
+
+# Role -> "|"-separated glob alternatives, matched case-insensitively against the file name (or against
+# the path relative to the subject folder when the pattern contains "/"). Alternatives starting with "!"
+# exclude. A file matching several roles goes to the first role in ROLE_PRIORITY, so "P1_T1_FLAIR" is
+# FLAIR (not T1), "T2-FLAIR" is FLAIR (not T2), and "brain_mask" is a brain mask (not a lesion mask).
+DEFAULT_PATTERNS: dict[str, str] = {
+    "t1": "*t1*|*mprage*|!*gado*|!*t1gd*|!*t1ce*|!*t1c.*|!*t1c_*|!*t1_gd*",
+    "t2": "*t2*|!*t2star*|!*t2_star*|!*t2s.*|!*t2s_*|!*t2\\**",
+    "flair": "*flair*",
+    "mask": "*mask*|*gt*|*consensus*|*gold*",
+    "brain_mask": "*brain*mask*|*brainmask*|*skull*strip*mask*",
+}
+ROLE_PRIORITY: tuple[str, ...] = ("brain_mask", "mask", "flair", "t2", "t1")
+NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
+
+# Two grids are "the same" when the world positions of the volume corners differ by less than this
+# fraction of the smallest voxel size (absorbs float32 rounding of affines written by other tools).
+GRID_TOLERANCE = 0.1
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the offending file(s)."""
+
+
+@dataclass
+class CasePaths:
+    """The files of one case, found on disk but not read yet."""
+
+    id: str
+    images: dict[str, Path]
+    mask: Path | None
+    brain_mask: Path | None
+
+
+@dataclass
+class SourceGeometry:
+    """What ``Case.to_original`` needs to put a model-layout volume back on the source grid."""
+
+    shape: tuple[int, ...]      # source voxel grid (3-D)
+    affine: np.ndarray          # (4, 4) source voxel -> world (mm)
+    header: nib.Nifti1Header    # source header (qform/sform codes, units)
+    to_ras: np.ndarray          # nibabel orientation transform, source -> RAS
+    permutation: tuple[int, int, int]  # RAS axes in model order (D, H, W)
+
+
+@dataclass
+class Case:
+    """One case read, checked, reoriented and normalised.
+
+    Attributes:
+        id: case identifier (folder name or nnU-Net case id).
+        image: ``(M, D, H, W)`` float32, z-scored within the brain mask, modalities in ``modalities`` order.
+            ``D`` is the through-plane axis (largest spacing); for axial scans ``(D, H, W) = (z, y, x)``.
+        label: ``(D, H, W)`` uint8, 0 background, 1 lesion, 255 ignore; ``None`` without a mask file.
+        brain_mask: ``(D, H, W)`` bool, the voxels used for normalisation.
+        spacing: voxel size in mm, ``(D, H, W)`` order.
+        modalities: modality names, one per image channel.
+        source: the source geometry; ``None`` for cases built in memory (then ``to_original`` assumes
+            an RAS grid with this spacing).
+    """
+
+    id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    brain_mask: np.ndarray
+    spacing: tuple[float, float, float]
+    modalities: tuple[str, ...]
+    source: SourceGeometry | None = field(default=None, repr=False, compare=False)
+    _lesion_voxels: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _brain_voxels: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    def to_original(self, volume: np.ndarray) -> nib.Nifti1Image:
+        """Put a model-layout volume back in the source file's orientation, shape and affine.
+
+        Args:
+            volume: ``(D, H, W)`` array on this case's grid (dtype kept: pass uint8 for masks).
+
+        Returns:
+            A NIfTI image on the source grid; the exact inverse of the load-time reorientation.
+        """
+        volume = np.asarray(volume)
+        if volume.shape != self.image.shape[1:]:
+            raise ValueError(
+                f"volume has shape {volume.shape}, expected the case's (D, H, W) = {self.image.shape[1:]}"
+            )
+        if self.source is None:
+            affine = np.diag([*self.spacing[::-1], 1.0])
+            return _image(np.transpose(volume, (2, 1, 0)), affine, None)
+        src = self.source
+        ras = np.transpose(volume, np.argsort(src.permutation))
+        back = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.io_orientation(src.affine))
+        data = np.ascontiguousarray(ornt.apply_orientation(ras, back))
+        assert data.shape == src.shape  # the orientation maths guarantees it
+        return _image(data, src.affine, src.header)
+
+    def lesion_voxels(self) -> np.ndarray:
+        """Flat indices of the lesion voxels (label 1), computed once."""
+        if self._lesion_voxels is None:
+            self._lesion_voxels = (
+                np.empty(0, np.int64) if self.label is None else np.flatnonzero(self.label == 1)
+            )
+        return self._lesion_voxels
+
+    def brain_voxels(self) -> np.ndarray:
+        """Flat indices of the brain-mask voxels, computed once."""
+        if self._brain_voxels is None:
+            self._brain_voxels = np.flatnonzero(self.brain_mask)
+        return self._brain_voxels
+
+
+def _image(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None) -> nib.Nifti1Image:
+    """A NIfTI image storing ``data`` unscaled in its own dtype (a copied header may carry a slope)."""
+    img = nib.Nifti1Image(data, affine, header.copy() if header is not None else None)
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    return img
+
+
+# --------------------------------------------------------------------------------------------- finding
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Whether ``name`` (a lower-case relative path) matches a ``|``/``!`` glob pattern."""
+    alternatives = [alt.strip().lower() for alt in pattern.split("|") if alt.strip()]
+    include = [alt for alt in alternatives if not alt.startswith("!")]
+    exclude = [alt[1:] for alt in alternatives if alt.startswith("!")]
+
+    def hit(glob: str) -> bool:
+        return fnmatch.fnmatchcase(name if "/" in glob else name.rsplit("/", 1)[-1], glob)
+
+    return any(hit(g) for g in include) and not any(hit(g) for g in exclude)
+
+
+def _assign(names: Sequence[str], patterns: Mapping[str, str]) -> dict[str, list[str]]:
+    """Role -> matching names; each name goes to its highest-priority matching role."""
+    order = [r for r in ROLE_PRIORITY if r in patterns] + [r for r in patterns if r not in ROLE_PRIORITY]
+    found: dict[str, list[str]] = {role: [] for role in patterns}
+    for name in names:
+        role = next((r for r in order if _matches(name.lower(), patterns[r])), None)
+        if role is not None:
+            found[role].append(name)
+    return found
+
+
+def _check_modalities(modalities: Sequence[str], patterns: Mapping[str, str]) -> tuple[str, ...]:
+    modalities = tuple(modalities)
+    if not modalities or len(set(modalities)) != len(modalities):
+        raise ValueError(f"modalities must be a non-empty list of distinct names, got {modalities!r}")
+    unknown = [m for m in modalities if m not in patterns]
+    if unknown:
+        raise ValueError(
+            f"modalities {unknown} have no file pattern; known: {sorted(patterns)} (add one with patterns=)"
+        )
+    return modalities
+
+
+def _patterns(patterns: Mapping[str, str] | None) -> dict[str, str]:
+    merged = dict(DEFAULT_PATTERNS)
+    merged.update(patterns or {})
+    return merged
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def find_cases(
+    root: str | Path,
+    *,
+    layout: str = "auto",
+    modalities: Sequence[str] = MODALITIES,
+    patterns: Mapping[str, str] | None = None,
+    require_mask: bool = True,
+) -> list[CasePaths]:
+    """Find the cases of a dataset folder.
+
+    Args:
+        root: dataset folder.
+        layout: ``"nnunet"`` (``dataset.json`` + ``imagesTr``/``labelsTr``), ``"subject-folders"``
+            (one folder per subject) or ``"auto"`` (nnU-Net if ``dataset.json`` or ``imagesTr`` exists).
+        modalities: modalities to read, in channel order.
+        patterns: role -> glob pattern overriding ``DEFAULT_PATTERNS`` (roles: modality names, ``"mask"``,
+            ``"brain_mask"``); in the nnU-Net layout the modality patterns are matched against the
+            ``dataset.json`` channel names.
+        require_mask: raise if a case has no lesion mask (else its ``mask`` is ``None``).
+
+    Returns:
+        The cases sorted by id.
+
+    Raises:
+        DataError: nothing found, a missing or ambiguous file, or a bad ``dataset.json``.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist or is not a folder")
+    pats = _patterns(patterns)
+    modalities = _check_modalities(modalities, pats)
+    if layout == "auto":
+        layout = "nnunet" if (root / "dataset.json").is_file() or (root / "imagesTr").is_dir() else "subject-folders"
+    cases = (
+        _find_nnunet(root, modalities, pats, require_mask)
+        if layout == "nnunet"
+        else _find_subject_folders(root, modalities, pats, require_mask)
+    )
+    if not cases:
+        raise DataError(f"no cases found in {root} (layout {layout!r}); see docs/ms_lesion.md for the layouts")
+    return sorted(cases, key=lambda c: c.id)
+
+
+def _find_nnunet(
+    root: Path, modalities: tuple[str, ...], pats: dict[str, str], require_mask: bool
+) -> list[CasePaths]:
+    meta_path = root / "dataset.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"nnU-Net layout needs {meta_path}, which does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {meta_path}: {exc}") from exc
+    channels = meta.get("channel_names", meta.get("modality"))
+    if not isinstance(channels, dict) or not channels:
+        raise DataError(f"{meta_path} has no 'channel_names' (nnU-Net v2) or 'modality' (MSD) mapping")
+    ending = str(meta.get("file_ending", ".nii.gz"))
+    # Channel names are matched with the same patterns as file names ("FLAIR" -> flair, "T1w" -> t1).
+    by_role = _assign([str(v) for v in channels.values()], {m: pats[m] for m in modalities})
+    index = {str(v): int(k) for k, v in channels.items()}
+    channel_of: dict[str, int] = {}
+    for modality in modalities:
+        names = by_role[modality]
+        if len(names) != 1:
+            raise DataError(
+                f"{meta_path}: modality {modality!r} (pattern {pats[modality]!r}) matches "
+                f"{'no' if not names else 'several'} channel names {names or list(channels.values())}"
+            )
+        channel_of[modality] = index[names[0]]
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        raise DataError(f"nnU-Net layout needs the folder {images_dir}, which does not exist")
+    suffix = "_0000" + ending
+    ids = sorted(p.name[: -len(suffix)] for p in images_dir.iterdir() if p.name.endswith(suffix))
+    cases = []
+    for case_id in ids:
+        images = {m: images_dir / f"{case_id}_{channel_of[m]:04d}{ending}" for m in modalities}
+        for modality, path in images.items():
+            if not path.is_file():
+                raise DataError(f"case {case_id!r}: {modality} file {path} is missing")
+        mask: Path | None = labels_dir / f"{case_id}{ending}"
+        if not mask.is_file():
+            if require_mask:
+                raise DataError(f"case {case_id!r}: label file {mask} is missing")
+            mask = None
+        cases.append(CasePaths(case_id, images, mask, None))
+    return cases
+
+
+def _find_subject_folders(
+    root: Path, modalities: tuple[str, ...], pats: dict[str, str], require_mask: bool
+) -> list[CasePaths]:
+    roles = {m: pats[m] for m in (*modalities, "mask", "brain_mask")}
+    cases = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if _is_nifti(p)}
+        if not files:
+            continue  # not a subject folder (docs, a cache...)
+        found = _assign(list(files), roles)
+        chosen: dict[str, Path | None] = {}
+        for role, names in found.items():
+            if len(names) > 1:
+                raise DataError(
+                    f"subject folder {folder}: {role} pattern {roles[role]!r} matches several files "
+                    f"{names}; narrow it with patterns={{{role!r}: ...}} (e.g. a sub-folder: 'sub/*{role}*')"
+                )
+            chosen[role] = files[names[0]] if names else None
+        missing = [m for m in modalities if chosen[m] is None]
+        if require_mask and chosen["mask"] is None:
+            missing.append("mask")
+        if missing:
+            raise DataError(
+                f"subject folder {folder}: no file for {missing} (patterns "
+                f"{ {r: roles[r] for r in missing} }); files there: {list(files)}"
+            )
+        images = {m: chosen[m] for m in modalities}
+        cases.append(CasePaths(folder.name, images, chosen["mask"], chosen["brain_mask"]))  # type: ignore[arg-type]
+    return cases
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _read(path: Path, what: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Read a 3-D NIfTI volume as float32, with DataErrors for unreadable, empty or non-finite data."""
+    if not path.is_file():
+        raise DataError(f"{what} file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"{what} file {path} is empty (0 bytes)")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises many types for corrupt files; all mean "unreadable"
+        raise DataError(f"cannot read {what} file {path}: {exc}") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{what} file {path} has shape {data.shape}; expected a 3-D volume")
+    if data.size == 0:
+        raise DataError(f"{what} file {path} is empty (shape {data.shape})")
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise DataError(f"{what} file {path} has {int(bad.sum())} NaN/inf voxels")
+    return data, img
+
+
+def _grid_gap(a: nib.Nifti1Image, b: nib.Nifti1Image) -> float:
+    """Largest world distance (mm) between the corners of the voxel grid under the two affines."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in a.shape[:3]], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    return float(np.abs(a.affine @ corners - b.affine @ corners).max())
+
+
+def _on_grid(
+    data: np.ndarray, img: nib.Nifti1Image, ref: nib.Nifti1Image, what: str, path: Path,
+    ref_what: str, resample: bool, order: int,
+) -> np.ndarray:
+    """``data`` on the reference grid: checked equal, or resampled when ``resample``."""
+    voxel = float(np.sqrt((ref.affine[:3, :3] ** 2).sum(0)).min())
+    same_shape = data.shape == ref.shape[:3]
+    gap = _grid_gap(img, ref) if same_shape else np.inf
+    if same_shape and gap <= GRID_TOLERANCE * voxel:
+        return data
+    if not resample:
+        detail = (
+            f"shape {data.shape} but {ref_what} has shape {ref.shape[:3]}"
+            if not same_shape
+            else f"an affine {gap:.3g} mm away from {ref_what}'s at the volume corners"
+        )
+        raise DataError(
+            f"{what} file {path} has {detail} ({ref.get_filename()}); pass resample=True (--resample) "
+            f"to resample onto the {ref_what} grid"
+        )
+    to_moving = np.linalg.inv(img.affine) @ ref.affine
+    return ndimage.affine_transform(data, to_moving, output_shape=ref.shape[:3], order=order, mode="constant")
+
+
+def _label(data: np.ndarray, path: Path, label2: str) -> np.ndarray:
+    """A lesion mask as uint8 {0, 1, 255}; any other value is an error (label 2 per ``label2``)."""
+    values, counts = np.unique(data, return_counts=True)
+    if np.any(values != np.round(values)) or values.min() < 0:
+        odd = values[(values != np.round(values)) | (values < 0)][:5]
+        raise DataError(f"lesion mask {path} is not binary: non-integer or negative values {odd.tolist()}")
+    extra = values > 1
+    if extra.any():
+        only_two = set(values[extra].tolist()) == {2.0}
+        if not only_two or label2 == "error":
+            hint = "; for WMH-style label 2 pass label2='ignore' or 'lesion' (--label2)" if only_two else ""
+            raise DataError(
+                f"lesion mask {path} is not binary: labels {values.astype(int).tolist()} with "
+                f"{int(counts[extra].sum())} voxels above 1{hint}"
+            )
+    label = (data == 1).astype(np.uint8)
+    if label2 == "ignore":
+        label[data == 2] = IGNORE_LABEL
+    elif label2 == "lesion":
+        label[data == 2] = 1
+    return label
+
+
+def _model_layout(spacing_ras: np.ndarray) -> tuple[int, int, int]:
+    """RAS axes in model order: through-plane (largest spacing; ties prefer z, then y) first, then the
+    other two in (z, y, x) order, so an axial scan becomes (z, y, x) = (axial, coronal, sagittal)."""
+    order = [2, 1, 0]
+    through = max(order, key=lambda axis: (spacing_ras[axis] > spacing_ras.max() * (1 - 1e-3), -order.index(axis)))
+    rest = [axis for axis in order if axis != through]
+    return (through, rest[0], rest[1])
+
+
+def _normalise(data: np.ndarray, brain: np.ndarray, path: Path, what: str) -> np.ndarray:
+    inside = data[brain]
+    mean, std = float(inside.mean()), float(inside.std())
+    if std == 0.0:
+        raise DataError(f"{what} file {path} is constant ({mean}) inside the brain mask; cannot normalise")
+    return ((data - mean) / std).astype(np.float32)
+
+
+def load_case(
+    paths: CasePaths,
+    *,
+    modalities: Sequence[str] = MODALITIES,
+    resample: bool = False,
+    label2: str = "error",
+) -> Case:
+    """Read, check, reorient (RAS, then through-plane first) and z-score one case.
+
+    Args:
+        paths: the case's files (from ``find_cases``).
+        modalities: channels to read, in order; each must be in ``paths.images``.
+        resample: resample modalities and masks onto the first modality's grid instead of raising
+            when shapes or affines differ.
+        label2: what a mask label 2 means: ``"error"`` (raise), ``"ignore"`` (-> 255) or ``"lesion"`` (-> 1).
+
+    Returns:
+        The case in model layout; see ``Case``.
+
+    Raises:
+        DataError: unreadable/empty files, NaN/inf, grid mismatch, non-binary masks, empty brain mask.
+    """
+    if label2 not in LABEL2_MODES:
+        raise ValueError(f"label2 must be one of {LABEL2_MODES}, got {label2!r}")
+    modalities = tuple(modalities)
+    missing = [m for m in modalities if m not in paths.images]
+    if not modalities or missing:
+        raise DataError(f"case {paths.id!r}: no file for modalities {missing or modalities}; have {sorted(paths.images)}")
+
+    ref_mod = modalities[0]
+    ref_data, ref = _read(paths.images[ref_mod], ref_mod)
+    volumes = [ref_data]
+    for modality in modalities[1:]:
+        data, img = _read(paths.images[modality], modality)
+        volumes.append(_on_grid(data, img, ref, modality, paths.images[modality], ref_mod, resample, order=1))
+    for modality, data in zip(modalities, volumes):
+        if not data.any():
+            raise DataError(f"{modality} file {paths.images[modality]} contains only zeros")
+
+    label = None
+    if paths.mask is not None:
+        data, img = _read(paths.mask, "lesion mask")
+        label = _label(_on_grid(data, img, ref, "lesion mask", paths.mask, ref_mod, resample, order=0), paths.mask, label2)
+    if paths.brain_mask is not None:
+        data, img = _read(paths.brain_mask, "brain mask")
+        brain = _on_grid(data, img, ref, "brain mask", paths.brain_mask, ref_mod, resample, order=0) > 0
+        if not brain.any():
+            raise DataError(f"brain mask file {paths.brain_mask} is empty (no voxel above 0)")
+    else:
+        # Skull-stripped data: the brain is where any modality is non-zero.
+        brain = np.any([v != 0 for v in volumes], axis=0)
+
+    to_ras = ornt.io_orientation(ref.affine)
+    spacing_src = np.sqrt((ref.affine[:3, :3] ** 2).sum(0))
+    spacing_ras = np.empty(3)
+    spacing_ras[to_ras[:, 0].astype(int)] = spacing_src
+    permutation = _model_layout(spacing_ras)
+
+    def model(volume: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.transpose(ornt.apply_orientation(volume, to_ras), permutation))
+
+    brain_model = model(brain)
+    image = np.stack(
+        [
+            _normalise(model(v), brain_model, paths.images[m], m)
+            for m, v in zip(modalities, volumes)
+        ]
+    )
+    source = SourceGeometry(
+        shape=tuple(ref.shape[:3]), affine=ref.affine.copy(), header=ref.header.copy(),
+        to_ras=to_ras, permutation=permutation,
+    )
+    return Case(
+        id=paths.id,
+        image=image,
+        label=None if label is None else model(label),
+        brain_mask=brain_model,
+        # Rounded: affines stored as float32 would give 0.699999988 for 0.7 mm.
+        spacing=tuple(round(float(spacing_ras[a]), 5) for a in permutation),  # type: ignore[arg-type]
+        modalities=modalities,
+        source=source,
+    )
+
+
+def load_dataset(
+    root: str | Path,
+    *,
+    layout: str = "auto",
+    modalities: Sequence[str] = MODALITIES,
+    patterns: Mapping[str, str] | None = None,
+    resample: bool = False,
+    label2: str = "error",
+    require_mask: bool = True,
+) -> list[Case]:
+    """``find_cases`` then ``load_case`` on each; see those for the arguments."""
+    found = find_cases(root, layout=layout, modalities=modalities, patterns=patterns, require_mask=require_mask)
+    return [load_case(paths, modalities=modalities, resample=resample, label2=label2) for paths in found]
+
+
+# --------------------------------------------------------------------------------------------- crops
+
+
+def sample_crop(
+    case: Case,
+    size: tuple[int, int, int],
+    rng: np.random.Generator,
+    *,
+    lesion_fraction: float = 1 / 3,
+    centre: str = "brain",
+) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed-size random crop for training.
+
+    With probability ``lesion_fraction`` the crop is centred on a random lesion voxel (nnU-Net's
+    oversampling; skipped for cases without lesions); otherwise on a random brain voxel
+    (``centre="brain"``) or at a uniformly random position in the volume (``centre="anywhere"``, the
+    paper's plain random crops). Crops are shifted to stay inside the volume; a volume smaller than
+    ``size`` is zero-padded (label 0).
+
+    Args:
+        case: a loaded case with image ``(M, D, H, W)``.
+        size: crop size ``(d, h, w)``.
+        rng: random generator.
+        lesion_fraction: probability of a lesion-centred crop, in [0, 1].
+        centre: ``"brain"`` or ``"anywhere"``.
+
+    Returns:
+        image ``(M, d, h, w)`` float32 and label ``(d, h, w)`` uint8 (zeros if the case has no label).
+    """
+    size = tuple(int(s) for s in size)  # type: ignore[assignment]
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"size must be three positive ints (d, h, w), got {size!r}")
+    if not 0.0 <= lesion_fraction <= 1.0:
+        raise ValueError(f"lesion_fraction must be in [0, 1], got {lesion_fraction!r}")
+    if centre not in CENTRES:
+        raise ValueError(f"centre must be one of {CENTRES}, got {centre!r}")
+    shape = case.image.shape[1:]
+    lesions = case.lesion_voxels()
+    if lesions.size and rng.random() < lesion_fraction:
+        middle = np.unravel_index(lesions[rng.integers(lesions.size)], shape)
+        start = [int(c) - s // 2 for c, s in zip(middle, size)]
+    elif centre == "brain" and case.brain_voxels().size:
+        brain = case.brain_voxels()
+        middle = np.unravel_index(brain[rng.integers(brain.size)], shape)
+        start = [int(c) - s // 2 for c, s in zip(middle, size)]
+    else:
+        start = [int(rng.integers(0, n - s + 1)) if n >= s else 0 for n, s in zip(shape, size)]
+    # Keep the crop inside the volume; centre a too-small volume in the crop.
+    start = [min(max(b, 0), n - s) if n >= s else (n - s) // 2 for b, n, s in zip(start, shape, size)]
+    src = tuple(slice(max(b, 0), min(b + s, n)) for b, s, n in zip(start, size, shape))
+    dst = tuple(slice(sl.start - b, sl.stop - b) for sl, b in zip(src, start))
+    image = np.zeros((case.image.shape[0], *size), np.float32)
+    label = np.zeros(size, np.uint8)
+    image[(slice(None), *dst)] = case.image[(slice(None), *src)]
+    if case.label is not None:
+        label[dst] = case.label[src]
+    return image, label
+
+
+def mean_lesion_fraction(cases: Sequence[Case]) -> float:
+    """The paper's ``r``: mean over cases of (lesion voxels / all voxels)."""
+    if not cases:
+        raise ValueError("cases is empty; need at least one labelled case")
+    unlabelled = [c.id for c in cases if c.label is None]
+    if unlabelled:
+        raise ValueError(f"cases {unlabelled} have no label; the lesion fraction needs masks")
+    return float(np.mean([np.count_nonzero(c.label == 1) / c.label.size for c in cases]))  # type: ignore[union-attr]

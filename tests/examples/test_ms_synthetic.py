@@ -1,0 +1,151 @@
+"""Tests of the synthetic MS cohort (examples/ms_lesion/synthetic.py and make_cohort.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import make_cohort as cli
+from data import load_dataset, mean_lesion_fraction
+from synthetic import CATEGORIES, PRESETS, generate_case, make_cohort
+
+SMALL = PRESETS["small"]
+
+
+@pytest.fixture(scope="module")
+def phantom_cases():
+    return [generate_case(i, preset="small", seed=0, anatomy="phantom") for i in range(6)]
+
+
+def test_small_case_shape_speed_and_lesions(phantom_cases):
+    generate_case(0, preset="small", anatomy="phantom")  # anatomy cached
+    start = time.perf_counter()
+    case = generate_case(7, preset="small", anatomy="phantom")
+    assert time.perf_counter() - start < 1.0
+    for case in phantom_cases:
+        assert case.label.shape == (20, 56, 48) and case.spacing == SMALL.spacing
+        assert set(case.images) == {"t1", "t2", "flair"}
+        assert all(v.dtype == np.int16 and v.shape == case.label.shape for v in case.images.values())
+        # Every case has visible lesions, however small the grid.
+        assert case.label.sum() >= SMALL.min_lesion_voxels
+
+
+def test_deterministic_per_seed_and_subject():
+    a = generate_case(2, preset="small", seed=5, anatomy="phantom")
+    b = generate_case(2, preset="small", seed=5, anatomy="phantom")
+    for name in a.images:
+        np.testing.assert_array_equal(a.images[name], b.images[name])
+    np.testing.assert_array_equal(a.label, b.label)
+    c = generate_case(2, preset="small", seed=6, anatomy="phantom")
+    d = generate_case(3, preset="small", seed=5, anatomy="phantom")
+    assert not np.array_equal(a.images["flair"], c.images["flair"])
+    assert not np.array_equal(a.images["flair"], d.images["flair"])
+
+
+def tissue_medians(case) -> dict[str, dict[str, float]]:
+    """Median intensity per modality of voxels that are (nearly) pure wm, gm, csf or lesion."""
+    out = {}
+    for tissue in ("wm", "gm", "csf", "lesion"):
+        pure = case.tissue[tissue] > (0.85 if tissue != "gm" else 0.7)
+        out[tissue] = {m: float(np.median(v[pure])) for m, v in case.images.items()}
+    return out
+
+
+def check_cohort_statistics(cases, fraction_bounds) -> None:
+    fractions = [c.label.mean() for c in cases]
+    assert fraction_bounds[0] < np.mean(fractions) < fraction_bounds[1]
+    for case in cases:
+        lesion = case.label > 0
+        # Lesions lie in the brain, in parenchyma (not in CSF or outside).
+        assert case.brain_mask[lesion].mean() > 0.98
+        assert np.median((case.tissue["wm"] + case.tissue["gm"])[lesion]) > 0.6
+        medians = tissue_medians(case)
+        wm, gm, csf, les = (medians[t] for t in ("wm", "gm", "csf", "lesion"))
+        assert csf["t1"] < gm["t1"] < wm["t1"]          # T1: CSF dark, WM bright
+        assert wm["t2"] < gm["t2"] < csf["t2"]          # T2: CSF bright
+        assert csf["flair"] < wm["flair"] < gm["flair"]  # FLAIR: CSF suppressed, GM 1.23 x WM
+        assert les["t1"] < wm["t1"] and les["t2"] > wm["t2"] and les["flair"] > wm["flair"]
+    visible = [item for case in cases for item in case.lesions if item.voxels > 0]
+    share = {c: np.mean([item.category == c for item in visible]) for c in CATEGORIES}
+    assert 0.3 < share["periventricular"] < 0.75  # about half, by design
+    assert share["deep"] + share["juxtacortical"] > 0.15
+    # Periventricular lesions touch CSF (within 2 voxels); deep white-matter lesions mostly do not.
+    touching: dict[str, list[bool]] = {"periventricular": [], "deep": []}
+    for case in cases:
+        csf = ndimage.binary_dilation(case.tissue["csf"] > 0.5, iterations=2)
+        for index, item in enumerate(case.lesions):
+            if item.category in touching and item.voxels:
+                touching[item.category].append(_touches(case, index, csf))
+    assert np.mean(touching["periventricular"]) > 0.6
+    assert np.mean(touching["deep"]) < 0.35
+
+
+def test_phantom_statistics(phantom_cases):
+    # The small preset doubles lesion volumes: mean fraction about 1e-3 over 43 subjects (docs/ms_lesion.md).
+    check_cohort_statistics(phantom_cases, (3e-4, 4e-3))
+
+
+def test_mni152_statistics():
+    pytest.importorskip("nilearn")
+    check_cohort_statistics([generate_case(i, preset="small", seed=1, anatomy="mni152") for i in range(5)], (3e-4, 4e-3))
+
+
+def _touches(case, index, region) -> bool:
+    """Whether the label voxels nearest to lesion ``index``'s centre overlap ``region``."""
+    item = case.lesions[index]
+    zyx = (item.centre[::-1] - case.affine[:3, 3][::-1]) / np.array(case.spacing)
+    voxels = np.argwhere(case.label > 0)
+    close = voxels[np.linalg.norm((voxels - zyx) * case.spacing, axis=1) <= item.radii.max() + 3]
+    return bool(region[tuple(close.T)].any()) if close.size else False
+
+
+def test_make_cohort_writes_loads_caches_and_montage(tmp_path, capsys):
+    out = tmp_path / "cohort"
+    assert cli.main(["--out", str(out), "--small", "--subjects", "2", "--anatomy", "phantom", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert f"cohort: {out}" in printed and f"montage: {out / 'montage.png'}" in printed
+    assert (out / "montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((out / "cohort.json").read_text())
+    assert record["params"] == {"version": 1, "preset": "small", "seed": 3, "anatomy": "phantom", "subjects": 2}
+    assert set(record["stats"]) == {"sub-001", "sub-002"}
+
+    # The loader reads it like real data; the written files match the in-memory generator.
+    cases = load_dataset(out)
+    assert [c.id for c in cases] == ["sub-001", "sub-002"]
+    expected = generate_case(0, preset="small", seed=3, anatomy="phantom")
+    np.testing.assert_array_equal(cases[0].label, expected.label)
+    assert cases[0].spacing == SMALL.spacing and cases[0].image.shape == (3, 20, 56, 48)
+    assert mean_lesion_fraction(cases) == pytest.approx(np.mean([s["lesion_fraction"] for s in record["stats"].values()]))
+
+    # Cached: same parameters, nothing rewritten.
+    stamp = (out / "sub-001" / "flair.nii.gz").stat().st_mtime_ns
+    make_cohort(out, subjects=2, preset="small", seed=3, anatomy="phantom")
+    assert (out / "sub-001" / "flair.nii.gz").stat().st_mtime_ns == stamp
+    # Different parameters: the old cohort is replaced (no leftover subject).
+    make_cohort(out, subjects=1, preset="small", seed=4, anatomy="phantom", montage=False)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sub-001"]
+    assert json.loads((out / "cohort.json").read_text())["params"]["seed"] == 4
+
+
+def test_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="preset must be one of"):
+        generate_case(0, preset="huge")
+    with pytest.raises(ValueError, match="anatomy must be one of"):
+        make_cohort(tmp_path, subjects=1, preset="small", anatomy="colin27")
+    with pytest.raises(ValueError, match="subjects must be a positive int, got 0"):
+        make_cohort(tmp_path, subjects=0)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--out", str(tmp_path), "--subjects", "0"])
+
+
+@pytest.mark.slow
+def test_paper_preset_case():
+    case = generate_case(0, preset="paper", seed=0)
+    depth, height, width = case.label.shape
+    assert 44 <= depth <= 60 and height == 320 and 230 <= width <= 260
+    assert case.spacing == (3.0, 0.7, 0.7)
+    assert 5e-5 < case.label.mean() < 3e-3
