@@ -71,3 +71,36 @@ class NaiveRSABlock(nn.Module):
             out = naive_slice_attention(self.theta_conv(x), self.phi_conv(x), self.g_conv(x), AXIS_DIM[axis])
             x = x + out * beta
         return x
+
+
+class NaiveNonLocal3d(nn.Module):
+    """The non-local block as the public reference implementations write it (baseline).
+
+    Embedded Gaussian (Wang et al., CVPR 2018): ``nn.Conv3d`` projections to ``C' = C // 2``,
+    ``view`` + ``permute`` to ``(B, N, C')``, ``softmax(theta phi)`` as an ``N x N'`` map, a
+    ``permute(...).contiguous()`` back, then ``W`` (conv + BatchNorm, zero-initialised) and the
+    residual. ``sub_sample`` max-pools ``phi`` and ``g`` by 2 in H and W.
+    """
+
+    def __init__(self, channels: int, *, sub_sample: bool = False) -> None:
+        super().__init__()
+        inter = max(channels // 2, 1)
+        self.inter_channels = inter
+        self.g = nn.Conv3d(channels, inter, 1)
+        self.theta = nn.Conv3d(channels, inter, 1)
+        self.phi = nn.Conv3d(channels, inter, 1)
+        self.W = nn.Sequential(nn.Conv3d(inter, channels, 1), nn.BatchNorm3d(channels))
+        nn.init.zeros_(self.W[1].weight)
+        nn.init.zeros_(self.W[1].bias)
+        if sub_sample:
+            self.g = nn.Sequential(self.g, nn.MaxPool3d((1, 2, 2)))
+            self.phi = nn.Sequential(self.phi, nn.MaxPool3d((1, 2, 2)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = x.shape[0]
+        g_x = self.g(x).view(batch, self.inter_channels, -1).permute(0, 2, 1)
+        theta_x = self.theta(x).view(batch, self.inter_channels, -1).permute(0, 2, 1)
+        phi_x = self.phi(x).view(batch, self.inter_channels, -1)
+        attention = torch.softmax(torch.matmul(theta_x, phi_x), dim=-1)
+        y = torch.matmul(attention, g_x).permute(0, 2, 1).contiguous()
+        return self.W(y.view(batch, self.inter_channels, *x.shape[2:])) + x

@@ -1,5 +1,6 @@
 """sliceattn: recurrent slice-wise attention (RSANet, MICCAI 2019) for 3-D CNNs."""
 
+from . import cost
 from ._checks import AXIS_NAMES
 from .functional import residual_slice_attention, slice_attention
 from .layers import QKVProjection, RecurrentSliceAttention3d, SliceAttention3d
@@ -14,6 +15,7 @@ __all__ = [
     "RecurrentSliceAttention3d",
     "SliceAttention3d",
     "__version__",
+    "cost",
     "residual_slice_attention",
     "slice_attention",
 ]

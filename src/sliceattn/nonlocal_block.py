@@ -73,5 +73,7 @@ class NonLocal3d(nn.Module):
             dtype = torch.promote_types(theta.dtype, torch.float32)
             # logits sum C' products per pair: float32 at least, like the slice attention
             attention = torch.softmax(torch.bmm(theta.mT.to(dtype), phi.to(dtype)), dim=-1)  # (B, N, N')
-            y = torch.bmm(g, attention.mT.to(g.dtype))  # (B, C', N)
-        return self.W(y.view(batch, self.inter_channels, *x.shape[2:])) + x
+            # (B, N, C') then a small transpose copy: multiplying by attention.mT instead would make
+            # softmax backward copy the whole N x N' gradient to make it contiguous
+            y = torch.bmm(attention.to(g.dtype), g.mT).mT  # (B, C', N)
+        return self.W(y.reshape(batch, self.inter_channels, *x.shape[2:])) + x
