@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,6 +203,7 @@ def find_cases(
     modalities: Sequence[str] = MODALITIES,
     patterns: Mapping[str, str] | None = None,
     require_mask: bool = True,
+    errors: dict[str, DataError] | None = None,
 ) -> list[CasePaths]:
     """Find the cases of a dataset folder.
 
@@ -215,6 +216,8 @@ def find_cases(
             ``"brain_mask"``); in the nnU-Net layout the modality patterns are matched against the
             ``dataset.json`` channel names.
         require_mask: raise if a case has no lesion mask (else its ``mask`` is ``None``).
+        errors: if given, a case with a missing or ambiguous file is left out and its error
+            stored here under its id instead of raised (so one bad subject does not stop a batch).
 
     Returns:
         The cases sorted by id.
@@ -231,19 +234,24 @@ def find_cases(
     modalities = _check_modalities(modalities, pats)
     if layout == "auto":
         layout = "nnunet" if (root / "dataset.json").is_file() or (root / "imagesTr").is_dir() else "subject-folders"
-    cases = (
-        _find_nnunet(root, modalities, pats, require_mask)
-        if layout == "nnunet"
-        else _find_subject_folders(root, modalities, pats, require_mask)
-    )
-    if not cases:
+    find = _find_nnunet if layout == "nnunet" else _find_subject_folders
+    cases = []
+    for case_id, case in find(root, modalities, pats, require_mask):
+        if isinstance(case, DataError):
+            if errors is None:
+                raise case
+            errors[case_id] = case
+        else:
+            cases.append(case)
+    if not cases and not errors:
         raise DataError(f"no cases found in {root} (layout {layout!r}); see docs/ms_lesion.md for the layouts")
     return sorted(cases, key=lambda c: c.id)
 
 
 def _find_nnunet(
     root: Path, modalities: tuple[str, ...], pats: dict[str, str], require_mask: bool
-) -> list[CasePaths]:
+) -> Iterator[tuple[str, CasePaths | DataError]]:
+    """Each case id with its paths, or with the error that makes it unusable."""
     meta_path = root / "dataset.json"
     try:
         meta = json.loads(meta_path.read_text())
@@ -272,50 +280,50 @@ def _find_nnunet(
         raise DataError(f"nnU-Net layout needs the folder {images_dir}, which does not exist")
     suffix = "_0000" + ending
     ids = sorted(p.name[: -len(suffix)] for p in images_dir.iterdir() if p.name.endswith(suffix))
-    cases = []
     for case_id in ids:
         images = {m: images_dir / f"{case_id}_{channel_of[m]:04d}{ending}" for m in modalities}
-        for modality, path in images.items():
-            if not path.is_file():
-                raise DataError(f"case {case_id!r}: {modality} file {path} is missing")
+        absent = [f"{modality} file {path}" for modality, path in images.items() if not path.is_file()]
         mask: Path | None = labels_dir / f"{case_id}{ending}"
         if not mask.is_file():
             if require_mask:
-                raise DataError(f"case {case_id!r}: label file {mask} is missing")
+                absent.append(f"label file {mask}")
             mask = None
-        cases.append(CasePaths(case_id, images, mask, None))
-    return cases
+        if absent:
+            yield case_id, DataError(f"case {case_id!r}: {', '.join(absent)} is missing")
+        else:
+            yield case_id, CasePaths(case_id, images, mask, None)
 
 
 def _find_subject_folders(
     root: Path, modalities: tuple[str, ...], pats: dict[str, str], require_mask: bool
-) -> list[CasePaths]:
+) -> Iterator[tuple[str, CasePaths | DataError]]:
+    """Each subject folder's id with its paths, or with the error that makes it unusable."""
     roles = {m: pats[m] for m in (*modalities, "mask", "brain_mask")}
-    cases = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if _is_nifti(p)}
         if not files:
             continue  # not a subject folder (docs, a cache...)
         found = _assign(list(files), roles)
-        chosen: dict[str, Path | None] = {}
-        for role, names in found.items():
-            if len(names) > 1:
-                raise DataError(
-                    f"subject folder {folder}: {role} pattern {roles[role]!r} matches several files "
-                    f"{names}; narrow it with patterns={{{role!r}: ...}} (e.g. a sub-folder: 'sub/*{role}*')"
-                )
-            chosen[role] = files[names[0]] if names else None
+        ambiguous = {role: names for role, names in found.items() if len(names) > 1}
+        if ambiguous:
+            role, names = next(iter(ambiguous.items()))
+            yield folder.name, DataError(
+                f"subject folder {folder}: {role} pattern {roles[role]!r} matches several files "
+                f"{names}; narrow it with patterns={{{role!r}: ...}} (e.g. a sub-folder: 'sub/*{role}*')"
+            )
+            continue
+        chosen = {role: files[names[0]] if names else None for role, names in found.items()}
         missing = [m for m in modalities if chosen[m] is None]
         if require_mask and chosen["mask"] is None:
             missing.append("mask")
         if missing:
-            raise DataError(
+            yield folder.name, DataError(
                 f"subject folder {folder}: no file for {missing} (patterns "
                 f"{ {r: roles[r] for r in missing} }); files there: {list(files)}"
             )
+            continue
         images = {m: chosen[m] for m in modalities}
-        cases.append(CasePaths(folder.name, images, chosen["mask"], chosen["brain_mask"]))  # type: ignore[arg-type]
-    return cases
+        yield folder.name, CasePaths(folder.name, images, chosen["mask"], chosen["brain_mask"])  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------- reading

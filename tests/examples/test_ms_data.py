@@ -112,6 +112,10 @@ def test_subject_folder_ambiguous_and_missing_files(tmp_path):
     touch(tmp_path / "s2", "t1.nii.gz", "flair.nii.gz", "gt.nii.gz")
     with pytest.raises(DataError, match=r"s2: no file for \['t2'\]"):
         find_cases(tmp_path)
+    # Collecting errors instead: the good subject is kept, the bad one reported by id.
+    errors: dict = {}
+    assert [c.id for c in find_cases(tmp_path, errors=errors)] == ["s1"]
+    assert list(errors) == ["s2"] and "no file for ['t2']" in str(errors["s2"])
     # Declaring t2 absent makes the channels follow.
     cases = find_cases(tmp_path, modalities=("flair", "t1"))
     assert [list(c.images) for c in cases] == [["flair", "t1"]] * 2

@@ -1,0 +1,127 @@
+"""Full-volume sliding-window inference: overlapping tiles, Gaussian-weighted blending.
+
+Tiles of the training crop size cover the volume with the requested overlap (the last tile of an
+axis is flush with the end, as in nnU-Net); each tile's softmax is weighted by a Gaussian centred on
+the tile, because a fully convolutional network sees less context near a tile's border. Volumes
+smaller than a tile are zero-padded. Any volume size works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> this process's CUDA device when CUDA is present, else the CPU; else ``torch.device(name)``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def gaussian_weight(size: Sequence[int], sigma_scale: float = 1 / 8) -> Tensor:
+    """A ``(d, h, w)`` Gaussian importance map, peak 1, sigma = ``sigma_scale * size`` per axis.
+
+    The minimum is clamped above 0 so that every voxel of a tile gets some weight.
+    """
+    axes = []
+    for n in size:
+        position = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
+        axes.append(torch.exp(-0.5 * (position / max(sigma_scale * n, 1e-6)) ** 2))
+    weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return weight.clamp_min(1e-3)
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start indices of tiles of ``tile`` voxels covering ``length`` voxels with ``overlap`` in [0, 1)."""
+    if length <= tile:
+        return [0]
+    step = max(1, int(tile * (1.0 - overlap)))
+    count = math.ceil((length - tile) / step) + 1
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def _tiles(shape: Sequence[int], tile: Sequence[int], overlap: float) -> Iterator[tuple[slice, ...]]:
+    for d in tile_starts(shape[0], tile[0], overlap):
+        for h in tile_starts(shape[1], tile[1], overlap):
+            for w in tile_starts(shape[2], tile[2], overlap):
+                yield tuple(slice(s, s + t) for s, t in zip((d, h, w), tile))
+
+
+@torch.no_grad()
+def sliding_window_probabilities(
+    model: nn.Module,
+    image: np.ndarray | Tensor,
+    tile: Sequence[int],
+    *,
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Class probabilities of a whole volume.
+
+    Args:
+        model: ``(B, M, d, h, w) -> (B, C, d, h, w)`` logits; put in eval mode by the caller.
+        image: ``(M, D, H, W)`` volume.
+        tile: tile size ``(d, h, w)`` (divisible by the model's down-sampling factors).
+        overlap: fraction of a tile shared with its neighbour, in [0, 1).
+        batch_size: tiles per forward pass.
+        device: where the model runs.
+        amp_dtype: autocast dtype on CUDA (``torch.bfloat16``/``torch.float16``), or None.
+
+    Returns:
+        ``(C, D, H, W)`` float32 probabilities on the CPU.
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    tile = tuple(int(t) for t in tile)
+    if len(tile) != 3 or min(tile) < 1:
+        raise ValueError(f"tile must be three positive ints (d, h, w), got {tile!r}")
+    volume = torch.as_tensor(np.asarray(image, dtype=np.float32) if not isinstance(image, Tensor) else image).float()
+    if volume.ndim != 4:
+        raise ValueError(f"image must be (M, D, H, W), got shape {tuple(volume.shape)}")
+    shape = volume.shape[1:]
+    # Pad volumes smaller than a tile; the padding is cropped off at the end.
+    padded = [max(n, t) for n, t in zip(shape, tile)]
+    if list(shape) != padded:
+        pad = [p - n for n, p in zip(shape, padded)]
+        volume = torch.nn.functional.pad(volume, (0, pad[2], 0, pad[1], 0, pad[0]))
+    device = torch.device(device)
+    weight = gaussian_weight(tile).to(device)
+    total: Tensor | None = None
+    norm = torch.zeros(padded, device=device)
+    autocast = (
+        torch.autocast(device.type, dtype=amp_dtype)
+        if amp_dtype is not None and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    windows = list(_tiles(padded, tile, overlap))
+    for first in range(0, len(windows), batch_size):
+        chunk = windows[first : first + batch_size]
+        batch = torch.stack([volume[(slice(None), *w)] for w in chunk]).to(device)
+        with autocast:
+            logits = model(batch)
+        probabilities = torch.softmax(logits.float(), dim=1)
+        if total is None:
+            total = torch.zeros((probabilities.shape[1], *padded), device=device)
+        for window, p in zip(chunk, probabilities):
+            total[(slice(None), *window)] += p * weight
+            norm[window] += weight
+    assert total is not None  # at least one tile
+    out = total / norm
+    return out[(slice(None), *(slice(0, n) for n in shape))].cpu()
+
+
+def predict_mask(model: nn.Module, image: np.ndarray | Tensor, tile: Sequence[int], **kwargs) -> np.ndarray:
+    """``(M, D, H, W)`` -> ``(D, H, W)`` uint8 lesion mask (argmax of ``sliding_window_probabilities``)."""
+    probabilities = sliding_window_probabilities(model, image, tile, **kwargs)
+    return probabilities.argmax(0).to(torch.uint8).numpy()

@@ -1,0 +1,77 @@
+"""Exponentially weighted cross-entropy (RSANet, Zhang et al., MICCAI 2019, Sec. 2.3).
+
+With ``r`` the mean lesion fraction of the training set, the paper writes the class weights as
+
+    lesion:     e^r / (e^r + e^(1-r))        background: e^(1-r) / (e^r + e^(1-r))
+
+Taken literally, with ``r`` about 5e-4 this gives lesions the *smaller* weight (0.27 vs 0.73), the
+opposite of an imbalance correction; the two are probably swapped in the text. Both are offered:
+``"literal"`` (the formula as printed) and ``"swapped"`` (lesion ``e^(1-r)/...``, background
+``e^r/...``), plus ``"none"`` (plain cross-entropy). docs/ms_lesion_training.md gives the
+measurement that picked ``"swapped"`` as the training default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_LABEL = 255
+WEIGHTINGS: tuple[str, ...] = ("swapped", "literal", "none")
+
+
+def class_weights(r: float, weighting: str = "swapped") -> tuple[float, float]:
+    """The (background, lesion) weights of the exponential weighting.
+
+    Args:
+        r: mean lesion fraction of the training set, in [0, 1].
+        weighting: ``"swapped"``, ``"literal"`` or ``"none"`` (both 1).
+
+    Returns:
+        ``(background_weight, lesion_weight)``; for ``"literal"`` and ``"swapped"`` they sum to 1.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if not (isinstance(r, (int, float)) and 0.0 <= r <= 1.0):
+        raise ValueError(f"r (the mean lesion fraction) must be a number in [0, 1], got {r!r}")
+    if weighting == "none":
+        return 1.0, 1.0
+    small = math.exp(r) / (math.exp(r) + math.exp(1.0 - r))
+    large = 1.0 - small  # e^(1-r) / (e^r + e^(1-r))
+    # literal: lesion gets e^r/(...), background e^(1-r)/(...)
+    return (large, small) if weighting == "literal" else (small, large)
+
+
+class WeightedCrossEntropy(nn.Module):
+    """Class-weighted cross-entropy over ``(B, 2, D, H, W)`` logits; voxels labelled 255 are ignored.
+
+    The reduction is PyTorch's weighted mean: ``sum_i w_{y_i} * ce_i / sum_i w_{y_i}`` over the
+    voxels that are not ignored.
+
+    Args:
+        r: mean lesion fraction of the training set (``data.mean_lesion_fraction``).
+        weighting: ``"swapped"`` (default), ``"literal"`` or ``"none"``; see ``class_weights``.
+    """
+
+    def __init__(self, r: float, weighting: str = "swapped") -> None:
+        super().__init__()
+        self.r = float(r)
+        self.weighting = weighting
+        self.register_buffer("weight", torch.tensor(class_weights(r, weighting), dtype=torch.float32))
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """``logits (B, 2, D, H, W)``, ``target (B, D, H, W)`` integer labels -> scalar loss."""
+        if logits.ndim != target.ndim + 1 or logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match: "
+                "expected logits (B, C, *spatial) and target (B, *spatial)"
+            )
+        # float32 logits: the softmax of a low-precision autocast output loses the rare lesion class.
+        return F.cross_entropy(logits.float(), target.long(), weight=self.weight, ignore_index=IGNORE_LABEL)
+
+    def extra_repr(self) -> str:
+        background, lesion = self.weight.tolist()
+        return f"r={self.r:.3g}, weighting={self.weighting!r}, background={background:.4f}, lesion={lesion:.4f}"

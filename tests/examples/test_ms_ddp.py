@@ -1,0 +1,43 @@
+"""DistributedDataParallel training with 2 CPU processes (torchrun, gloo) matches one process."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from synthetic import make_cohort
+
+TRAIN = Path(__file__).resolve().parents[2] / "examples" / "ms_lesion" / "train.py"
+
+
+def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
+    cohort = make_cohort(tmp_path / "cohort", subjects=2, preset="small", seed=0, montage=False)
+    # Plain cross-entropy: the mean over 2 equal shares of the batch is then the mean over the whole
+    # batch, so DDP's gradient average equals the single-process gradient (up to rounding).
+    args = ["--data", str(cohort), "--method", "rsa-010", "--filters", "tiny", "--crop", "16", "32", "32",
+            "--batch-size", "2", "--iterations", "2", "--test-fraction", "0", "--loss-weights", "none",
+            "--val-every", "0", "--no-progress", "--device", "cpu"]
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TRAIN),
+         *args, "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(TRAIN), *args, "--out", str(tmp_path / "single")],
+                            capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a = torch.load(tmp_path / "ddp" / "model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "single" / "model.pt", weights_only=False)["model"]
+    moved = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
+    assert moved["iteration"] == 2
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_batch_must_split_evenly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="must be divisible by the 2 processes"):
+        train.main(["--data", "unused", "--batch-size", "3"])

@@ -1,0 +1,162 @@
+"""End to end on a tiny synthetic cohort: model, train, resume, evaluate, predict, figure."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import predict
+import train
+from model import METHODS, build_model, load_trained
+from sliceattn import NonLocal3d, RecurrentSliceAttention3d
+from synthetic import make_cohort
+
+TINY = ["--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2", "--test-fraction", "0.5",
+        "--no-progress", "--lesion-crop-fraction", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_cohort(tmp_path_factory.mktemp("cohort"), subjects=4, preset="small", seed=0, montage=False)
+
+
+@pytest.fixture(scope="module")
+def rsa_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("rsa")
+    train.main(["--data", str(cohort), "--method", "rsa-010", "--iterations", "4", "--val-every", "2",
+                "--out", str(out), *TINY])
+    return out
+
+
+@pytest.mark.parametrize(("method", "kind", "count"), [
+    ("unet", None, 0), ("rsa-010", RecurrentSliceAttention3d, 1), ("rsa-101", RecurrentSliceAttention3d, 2),
+    ("rsa-111", RecurrentSliceAttention3d, 3), ("ncl-010", NonLocal3d, 1), ("ncl-101", NonLocal3d, 2),
+    ("ncl-111", NonLocal3d, 3),
+])
+def test_placements(method: str, kind: type | None, count: int) -> None:
+    model = build_model(method, filters="tiny")
+    blocks = [m for m in model.modules() if kind is not None and isinstance(m, kind)]
+    assert len(blocks) == count
+    if method.endswith("010") or method.endswith("111"):
+        assert isinstance(model.bottom_attention, kind)
+    if method.endswith("101") or method.endswith("111"):
+        assert isinstance(model.encoder_attention, kind) and isinstance(model.decoder_attention, kind)
+        assert model.encoder_attention is not model.decoder_attention
+    assert model(torch.randn(1, 3, 16, 32, 32)).shape == (1, 2, 16, 32, 32)
+
+
+def test_default_filters_are_the_papers() -> None:
+    model = build_model("unet")
+    assert [block[0].out_channels for block in model.encoders] == [32, 64, 128, 256]
+    assert model.bottom[0].out_channels == 512 and len(model.pools) == 4
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"method": "rsa-011"}, "method must be one of"),
+    ({"method": "unet", "filters": "huge"}, "filters must be one of"),
+])
+def test_bad_model_arguments(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        build_model(**kwargs)
+
+
+def test_help_documents_every_flag(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--data", "--method", "--iterations", "--batch-size", "--crop", "--lr", "--weight-decay",
+                 "--loss-weights", "--resume", "--device", "--amp", "--seed", "--out"):
+        assert flag in text
+    assert "default: 800" in text and "1e-3" in text and "1e-5" in text
+
+
+def test_training_writes_the_run_folder(rsa_run: Path) -> None:
+    for name in ("model.pt", "checkpoint.pt", "log.csv", "metrics.json", "cases.csv", "figure.png", "split.json"):
+        assert (rsa_run / name).is_file(), name
+    log = (rsa_run / "log.csv").read_text().splitlines()
+    assert len(log) == 5 and log[0].startswith("iteration,loss")
+    assert log[2].split(",")[3] != ""  # validation at iteration 2
+    metrics = json.loads((rsa_run / "metrics.json").read_text())
+    assert metrics["method"] == "rsa-010" and 0.0 <= metrics["summary"]["sample_dice"] <= 1.0
+    assert len(metrics["test"]) == 2 and not set(metrics["test"]) & set(metrics["train"])
+    assert (rsa_run / "figure.png").read_bytes()[:4] == b"\x89PNG"
+    model, meta = load_trained(rsa_run / "model.pt")
+    assert meta["crop"] == [16, 32, 32] and isinstance(model.bottom_attention, RecurrentSliceAttention3d)
+
+
+def test_resume_equals_uninterrupted(cohort: Path, tmp_path: Path) -> None:
+    common = ["--data", str(cohort), "--method", "ncl-101", "--iterations", "4", "--val-every", "0",
+              "--checkpoint-every", "10", *TINY]
+    train.main([*common, "--out", str(tmp_path / "whole")])
+    train.main([*common, "--out", str(tmp_path / "killed"), "--stop-at", "2"])
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    train.main([*common, "--out", str(tmp_path / "killed"), "--resume"])
+    whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=False)["model"]
+    resumed = torch.load(tmp_path / "killed" / "model.pt", weights_only=False)["model"]
+    for name, value in whole.items():
+        assert torch.equal(value, resumed[name]), name
+    losses = [line.split(",")[1] for line in (tmp_path / "whole" / "log.csv").read_text().splitlines()]
+    assert losses == [line.split(",")[1] for line in (tmp_path / "killed" / "log.csv").read_text().splitlines()]
+
+
+def test_evaluate_cli(rsa_run: Path, cohort: Path, tmp_path: Path) -> None:
+    assert evaluate.main(["--checkpoint", str(rsa_run / "model.pt"), "--data", str(cohort),
+                          "--split", str(rsa_run / "split.json"), "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    expected = json.loads((rsa_run / "metrics.json").read_text())["summary"]
+    assert summary["cases"] == 2
+    assert summary["voxel_dice"] == pytest.approx(expected["voxel_dice"])
+
+
+def test_predict_writes_masks_in_the_original_geometry(rsa_run: Path, cohort: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    subjects = tmp_path / "subjects"
+    for source in sorted(cohort.glob("sub-00[123]")):
+        (subjects / source.name).mkdir(parents=True)
+        for name in ("t1", "t2", "flair"):
+            (subjects / source.name / f"{name}.nii.gz").write_bytes((source / f"{name}.nii.gz").read_bytes())
+    (subjects / "sub-002" / "flair.nii.gz").write_bytes(b"not a nifti")  # a broken file
+    (subjects / "sub-003" / "t2.nii.gz").unlink()  # a missing modality
+    out = tmp_path / "masks"
+    code = predict.main(["--checkpoint", str(rsa_run / "model.pt"), "--data", str(subjects), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "subject sub-002" in err and "flair" in err
+    assert "subject sub-003" in err and "t2" in err
+    assert sorted(p.name for p in out.iterdir()) == ["sub-001.nii.gz"]  # no temporary files left behind
+    mask = nib.load(out / "sub-001.nii.gz")
+    source = nib.load(cohort / "sub-001" / "flair.nii.gz")
+    assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+    assert mask.get_data_dtype() == np.uint8 and set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
+
+
+def test_every_method_name_builds() -> None:
+    assert len(METHODS) == 7 and all(build_model(m, filters="tiny") is not None for m in METHODS)
+
+
+def test_experiment_table_has_table1_columns_and_mean_std() -> None:
+    import experiment
+
+    def run(dice: float) -> dict:
+        summary = {"sample_dice": dice, "voxel_dice": dice, "sample_iou": dice / 2, "voxel_iou": dice / 2,
+                   "voxel_lesion_f1": 0.5}
+        return {"summary": summary, "train_seconds": 10.0, "peak_memory_mb": 100.0, "peak_memory_kind": "cpu-max-rss"}
+
+    text = experiment.table({"rsa-010": [run(0.6), run(0.8)]})
+    header, _, row = text.splitlines()[:3]
+    assert "Sample-avg Dice" in header and "Voxel-avg IoU" in header and "Peak memory" in header
+    assert row.startswith("| rsa-010 | 70.00 ± 14.14 | 70.00 ± 14.14 | 35.00 ± 7.07")
+
+
+def test_experiment_splits_are_saved_and_reused(cohort: Path, tmp_path: Path) -> None:
+    import experiment
+
+    first = experiment.make_splits(str(cohort), 2, 0.5, tmp_path)
+    split = json.loads(first[0].read_text())
+    assert len(split["train"]) == 2 and sorted(split["train"] + split["test"]) == [f"sub-00{i}" for i in range(1, 5)]
+    first[1].write_text(json.dumps({"train": ["x"], "test": ["y"]}))
+    assert json.loads(experiment.make_splits(str(cohort), 2, 0.5, tmp_path)[1].read_text())["train"] == ["x"]
