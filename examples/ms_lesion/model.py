@@ -246,6 +246,8 @@ def save_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(handle)
     try:
         write(Path(name))
+        with open(name, "rb") as written:  # on disk before the rename, so a crash cannot leave an empty file
+            os.fsync(written.fileno())
         os.chmod(name, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the usual permissions
         os.replace(name, path)
     except BaseException:
