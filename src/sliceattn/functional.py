@@ -222,6 +222,17 @@ def residual_slice_attention(
         raise ValueError(f"residual must have value's shape {tuple(value.shape)}, got {tuple(residual.shape)}")
     if not isinstance(alpha, Tensor) or alpha.dim() != 0:
         raise TypeError(f"alpha must be a 0-d tensor, got {alpha!r}")
+    return gated_slice_attention(residual, alpha, query, key, value, dim, scale, impl)
+
+
+def gated_slice_attention(
+    residual: Tensor, alpha: Tensor, query: Tensor, key: Tensor, value: Tensor, dim: int, scale: Scale, impl: str
+) -> Tensor:
+    """:func:`residual_slice_attention` without the argument checks, for callers that own them.
+
+    ``dim`` is a resolved spatial dim index; the layers check their input once per forward and
+    call this at every step.
+    """
     factor = resolve_scale(scale, query, dim)
     if impl == "reference":
         out = _reference(query, key, value, dim, factor)

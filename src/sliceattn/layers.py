@@ -8,7 +8,7 @@ block is the identity until training moves it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as recompute
 
 from ._checks import AXIS_NAMES, AxisLike, check_choice, check_feature_map, check_positive_int, low_precision, resolve_axis
-from .functional import IMPLS, Impl, Scale, residual_slice_attention, resolve_scale
+from .functional import IMPLS, Impl, Scale, gated_slice_attention, resolve_scale
 
 _DIM_NAMES = {dim: name for name, dim in AXIS_NAMES.items()}
 
@@ -152,7 +152,7 @@ class SliceAttention3d(nn.Module):
         """``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``."""
         check_feature_map(x, "input", ndim=5, channels=self.channels)
         query, key, value = self.projection(x) if self.projection is not None else (x, x, x)
-        return residual_slice_attention(x, self.alpha, query, key, value, self.dim, scale=self.scale, impl=self.impl)
+        return gated_slice_attention(x, self.alpha, query, key, value, self.dim, self.scale, self.impl)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, axis={_DIM_NAMES[self.dim]!r}, scale={self.scale!r}, impl={self.impl!r}"
@@ -233,7 +233,7 @@ class RecurrentSliceAttention3d(nn.Module):
         for step, dim in enumerate(self.dims):
             if step > 0 and not self.project_once:
                 query, key, value = self._project(x)
-            x = residual_slice_attention(x, self.alpha[step], query, key, value, dim, scale=self.scale, impl=self.impl)
+            x = gated_slice_attention(x, self.alpha[step], query, key, value, dim, self.scale, self.impl)
         return x
 
     def extra_repr(self) -> str:
