@@ -360,10 +360,10 @@ def render(json_paths: list[Path], doc: Path, images: Path, best_of: bool = Fals
     data = json.loads(json_paths[0].read_text())
     machine, records = load(json_paths[0])
     extra_runs = []
+    first = index(records)
     for path in json_paths[1:]:
         extra_machine, extra_records = load(path)
         if best_of:
-            first = index(records)
             for record in extra_records:
                 key = (record.get("size"), record.get("block"), record.get("mode"))
                 if key in first:
