@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from data import Case, load_dataset
-from inference import predict_mask, select_device
+from inference import add_inference_options, predict_mask, select_device
 from metrics import case_counts, scores, summarise
 from model import load_trained, save_atomically
 
@@ -92,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="dataset folder (subject folders or nnU-Net layout)")
     parser.add_argument("--split", default=None, help="split JSON; evaluate its 'test' ids (default: all subjects)")
     parser.add_argument("--out", required=True, help="output folder for metrics.json and cases.csv")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window tile overlap (default: 0.5)")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'...")
+    add_inference_options(parser)
     return parser
 
 

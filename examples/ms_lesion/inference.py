@@ -8,6 +8,7 @@ smaller than a tile are zero-padded. Any volume size works.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,14 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
+
+
+def add_inference_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The options every script that runs the model shares: ``--overlap`` and ``--device``."""
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window tile overlap (default: 0.5)")
+    parser.add_argument(
+        "--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'... (default: auto)"
+    )
 
 
 def gaussian_weight(size: Sequence[int], sigma_scale: float = 1 / 8) -> Tensor:

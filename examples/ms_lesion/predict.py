@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from data import CasePaths, DataError, find_cases, load_case
-from inference import predict_mask, select_device
+from inference import add_inference_options, predict_mask, select_device
 from model import load_trained, save_atomically
 
 
@@ -53,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder, one <id>.nii.gz per subject")
     parser.add_argument("--layout", choices=("auto", "nnunet", "subject-folders"), default="auto",
                         help="dataset layout (default: auto)")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window tile overlap (default: 0.5)")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda' (default: auto)")
+    add_inference_options(parser)
     return parser
 
 

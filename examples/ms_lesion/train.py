@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data import MODALITIES, Case, load_dataset, mean_lesion_fraction, sample_crop
 from evaluate import evaluate_cases, read_split, write_csv, write_json
 from figures import save_comparison
-from inference import select_device
+from inference import add_inference_options, select_device
 from loss import WEIGHTINGS, WeightedCrossEntropy, class_weights
 from model import FILTER_PRESETS, METHODS, build_model, model_config, save_atomically, set_output_prior
 
@@ -103,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--val-every", type=int, default=None,
                      help=f"iterations between evaluations of the held-out subjects, 0 = only at the end "
                      f"{profile('val_every')}")
-    run.add_argument("--overlap", type=float, default=0.5, help="sliding-window tile overlap (default: 0.5)")
-    run.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda' (default: auto)")
+    add_inference_options(run)
     run.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                      help="CUDA autocast dtype; auto = bf16 where supported, else fp16; ignored on CPU (default: auto)")
     run.add_argument("--stop-at", type=int, default=None,
