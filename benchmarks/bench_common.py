@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from benchmarks import measure
 from benchmarks.baselines import NaiveNonLocal3d, NaiveRSABlock, NaiveSliceAttention
 from sliceattn import NonLocal3d, RecurrentSliceAttention3d, SliceAttention3d
 from sliceattn import cost
@@ -185,20 +186,20 @@ def rounds_for(call: Callable[[], object]) -> int:
     return max(ROUNDS, min(MAX_ROUNDS, int(TARGET_SECONDS / elapsed)))
 
 
-_MEASURED: dict[tuple[str, tuple[int, ...]], cost.Measured] = {}
+_MEASURED: dict[tuple[str, tuple[int, ...]], measure.Measured] = {}
 
 
-def measured(block: str, module: nn.Module, x: torch.Tensor) -> cost.Measured:
+def measured(block: str, module: nn.Module, x: torch.Tensor) -> measure.Measured:
     """FLOPs, peaks and saved bytes of ``block`` at ``x``'s shape, measured once per session."""
     key = (block, tuple(x.shape))
     if key not in _MEASURED:
-        _MEASURED[key] = cost.measure_block(module, x)
+        _MEASURED[key] = measure.measure_block(module, x)
         module.zero_grad(set_to_none=True)
         x.grad = None
     return _MEASURED[key]
 
 
-def extra_info(block: str, shape: tuple[int, ...], mode: str, numbers: cost.Measured) -> dict[str, object]:
+def extra_info(block: str, shape: tuple[int, ...], mode: str, numbers: measure.Measured) -> dict[str, object]:
     """What each benchmark records next to its timings."""
     analytic = BLOCKS[block].analytic(shape)
     return {

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sliceattn import residual_slice_attention, slice_attention
+from sliceattn import slice_attention
 
 
 @st.composite
@@ -64,7 +64,7 @@ def test_fused_gradients_equal_reference(case) -> None:
     alpha = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     grads = []
     for impl in ("fused", "reference"):
-        out = residual_slice_attention(residual, alpha, *inputs, axis, scale=scale, impl=impl)
+        out = slice_attention(*inputs, axis, residual=residual, alpha=alpha, scale=scale, impl=impl)
         grads.append(torch.autograd.grad((out * torch.cos(out)).sum(), [*inputs, residual, alpha]))
     for fused, reference in zip(*grads):
         torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-10)
@@ -77,7 +77,7 @@ def test_gradcheck(axis: int) -> None:
     alpha = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q, k, v: slice_attention(q, k, v, axis), (query, key, value))
     assert torch.autograd.gradcheck(
-        lambda r, a, q, k, v: residual_slice_attention(r, a, q, k, v, axis, scale="auto"),
+        lambda r, a, q, k, v: slice_attention(q, k, v, axis, residual=r, alpha=a, scale="auto"),
         (residual, alpha, query, key, value),
     )
 
@@ -189,6 +189,7 @@ def test_unscaled_logits_saturate_and_auto_scale_softens() -> None:
         ({"scale": -1.0}, ValueError, "finite positive"),
         ({"scale": "sqrt"}, ValueError, "scale='sqrt'"),
         ({"impl": "cuda"}, ValueError, "impl='cuda'"),
+        ({"impl": "auto"}, ValueError, "impl='auto' is not supported"),
     ],
 )
 def test_bad_input_raises_clear_error(kwargs: dict, error: type, fragment: str) -> None:
@@ -212,9 +213,13 @@ def test_axis_names_need_five_dims() -> None:
 def test_residual_checks() -> None:
     q = torch.randn(1, 2, 3, 3, 3)
     with pytest.raises(ValueError, match="residual must have value's shape"):
-        residual_slice_attention(torch.randn(1, 2, 3, 3, 4), torch.tensor(0.0), q, q, q, 2)
+        slice_attention(q, q, q, 2, residual=torch.randn(1, 2, 3, 3, 4), alpha=torch.tensor(0.0))
     with pytest.raises(TypeError, match="alpha must be a 0-d tensor"):
-        residual_slice_attention(q, torch.zeros(2), q, q, q, 2)
+        slice_attention(q, q, q, 2, residual=q, alpha=torch.zeros(2))
+    with pytest.raises(ValueError, match="residual and alpha go together"):
+        slice_attention(q, q, q, 2, residual=q)
+    with pytest.raises(ValueError, match="residual and alpha go together"):
+        slice_attention(q, q, q, 2, alpha=torch.tensor(0.0))
 
 
 def test_runs_on_device(device: torch.device) -> None:

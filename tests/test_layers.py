@@ -235,6 +235,8 @@ def test_data_parallel_replica_keeps_gates() -> None:
         (lambda: RecurrentSliceAttention3d(4, order=("axial", "up")), ValueError, "order='up'"),
         (lambda: RecurrentSliceAttention3d(4, projection=False, project_once=True), ValueError, "project_once"),
         (lambda: RecurrentSliceAttention3d(4, qk_channels=0), ValueError, "qk_channels must be >= 1"),
+        (lambda: RecurrentSliceAttention3d(4, impl="auto"), ValueError, "impl='auto' is not supported"),
+        (lambda: RecurrentSliceAttention3d(4, save_attention=1), TypeError, "save_attention must be a bool"),
     ],
 )
 def test_bad_options_raise(build, error: type, fragment: str) -> None:
@@ -255,47 +257,3 @@ def test_bad_input_raises(x, error: type, fragment: str) -> None:
     for block in (SliceAttention3d(4, "axial"), RecurrentSliceAttention3d(4)):
         with pytest.raises(error, match=fragment):
             block(x)
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_pointwise_conv_equals_conv3d(batch: int, channels_last: bool) -> None:
-    from sliceattn.layers import pointwise_conv
-
-    x = torch.randn(batch, 3, 2, 3, 4, dtype=torch.float64)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last_3d)
-    x.requires_grad_()
-    weight = torch.randn(5, 3, 1, 1, 1, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    ours, reference = pointwise_conv(x, weight, bias), torch.nn.functional.conv3d(x, weight, bias)
-    torch.testing.assert_close(ours, reference)
-    grads = [torch.autograd.grad(out.sin().sum(), (x, weight, bias)) for out in (ours, reference)]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
-    torch.testing.assert_close(pointwise_conv(x, weight, None), torch.nn.functional.conv3d(x, weight))
-    assert torch.autograd.gradcheck(pointwise_conv, (x, weight, bias))
-    assert torch.autograd.gradcheck(lambda a, w: pointwise_conv(a, w, None), (x, weight))
-
-
-@pytest.mark.parametrize("use_onednn", [True, False])
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_pointwise_conv_backward_paths_equal_conv3d(use_onednn: bool, batch: int, channels_last: bool) -> None:
-    """Both backward paths (oneDNN on CPU, batched matmuls on other devices) give conv3d's gradients."""
-    from sliceattn.layers import pointwise_conv_backward
-
-    x = torch.randn(batch, 3, 2, 3, 4, dtype=torch.float64)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last_3d)
-    weight = torch.randn(5, 3, 1, 1, 1, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(batch, 5, 2, 3, 4, dtype=torch.float64)
-    x.requires_grad_()
-    expected = torch.autograd.grad(torch.nn.functional.conv3d(x, weight, bias), (x, weight, bias), grad)
-    got = pointwise_conv_backward(grad, x.detach(), weight.detach(), True, True, use_onednn=use_onednn)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b)
-    grad_x, grad_weight, grad_bias = pointwise_conv_backward(grad, x.detach(), weight.detach(), False, False, use_onednn=use_onednn)
-    assert grad_x is None and grad_bias is None
-    torch.testing.assert_close(grad_weight, expected[1])

@@ -2,7 +2,7 @@
 
 from . import cost
 from ._checks import AXIS_NAMES
-from .functional import residual_slice_attention, slice_attention
+from .functional import slice_attention
 from .layers import QKVProjection, RecurrentSliceAttention3d, SliceAttention3d
 from .nonlocal_block import NonLocal3d
 
@@ -16,6 +16,5 @@ __all__ = [
     "SliceAttention3d",
     "__version__",
     "cost",
-    "residual_slice_attention",
     "slice_attention",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Union
+import contextlib
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -43,8 +44,19 @@ def resolve_axis(axis: AxisLike, ndim: int = 5, name: str = "axis") -> int:
     return dim
 
 
-def check_feature_map(x: object, name: str = "input", *, ndim: int | None = None, channels: int | None = None) -> None:
-    """Check that ``x`` is a floating ``(B, C, *spatial)`` tensor with the given rank and channels."""
+def check_feature_map(
+    x: object,
+    name: str = "input",
+    *,
+    ndim: Optional[int] = None,
+    channels: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> None:
+    """Check that ``x`` is a floating ``(B, C, *spatial)`` tensor with the given rank and channels.
+
+    ``dtype`` is the dtype of a block's parameters: outside autocast ``x`` must have it (a clear
+    ``TypeError`` instead of a matmul's dtype error deep inside the block).
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not (x.is_floating_point()):
@@ -55,6 +67,11 @@ def check_feature_map(x: object, name: str = "input", *, ndim: int | None = None
         raise ValueError(f"{name} must be (B, C, *spatial) with at least one spatial dim, got shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} has {x.shape[1]} channels, but the block was built for channels={channels}")
+    if dtype is not None and x.dtype != dtype and not autocast_enabled(x.device):
+        raise TypeError(
+            f"{name} has dtype {x.dtype}, but the block's parameters are {dtype}; "
+            f"convert one of them (block.to({x.dtype}) or input.to({dtype})) or run under torch.autocast"
+        )
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -66,13 +83,33 @@ def check_positive_int(value: object, name: str) -> int:
     return value
 
 
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` if it is a ``bool``, else raise naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise naming ``name``."""
-    if value not in choices:
+    """Return ``value`` if it is one of ``choices`` (strings compare case-insensitively), else raise naming ``name``."""
+    key = value.lower() if isinstance(value, str) else value
+    if key not in choices:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {list(choices)}")
-    return value  # type: ignore[return-value]
+    return key  # type: ignore[return-value]
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (False for types without autocast, e.g. ``meta``)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that disables autocast on ``device``'s type (nothing to do where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def low_precision(x: Tensor) -> bool:
     """True when ``x`` is half/bfloat16 or autocast is on for its device (so float32 must be forced)."""
-    return x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(x.device.type)
+    return x.dtype in (torch.float16, torch.bfloat16) or autocast_enabled(x.device)

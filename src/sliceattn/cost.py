@@ -10,11 +10,14 @@ needs a gradient. Element-wise work (softmax, residual, bias, norm, pooling) is 
 neither side: it is linear in the size of a feature map or of an attention map, a small fraction
 of the GEMMs that produce them.
 
-Measured side: :func:`measure_flops` (``FlopCounterMode``), :func:`peak_memory` (on CPU the
-allocation events of the autograd profiler with ``profile_memory=True``, replayed in time order
--- dispatch-mode tensor trackers change what they measure; on CUDA
-``torch.cuda.max_memory_allocated``) and :func:`saved_bytes` (tensors packed for backward, seen
-through ``saved_tensors_hooks``, one count per storage).
+For the question the paper's claim answers, "what will a block cost at my sizes?", use
+:func:`unet_shapes` and :func:`cost_table`::
+
+    from sliceattn import cost
+    print(cost.cost_table(cost.unet_shapes((48, 160, 160), filters=(32, 64, 128, 256, 512))))
+
+The counters that measure these numbers (``FlopCounterMode``, profiler memory events) live with
+the benchmarks (``benchmarks/measure.py``); ``tests/test_cost.py`` holds the two sides equal.
 
 Shapes are ``(B, C, D, H, W)``; ``N = D*H*W``. Axis convention of the library: dim 2 (D) axial,
 dim 3 (H) coronal, dim 4 (W) sagittal.
@@ -23,30 +26,28 @@ dim 3 (H) coronal, dim 4 (W) sagittal.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
-import torch
-from torch import Tensor
-from torch.utils.flop_counter import FlopCounterMode
+from ._checks import AxisLike, check_positive_int, resolve_axis
 
 __all__ = [
     "RSA_ORDER",
+    "Comparison",
     "Cost",
-    "Measured",
-    "measure_block",
-    "measure_flops",
+    "compare",
+    "cost_table",
+    "format_bytes",
     "nonlocal_cost",
     "nonlocal_keys",
     "nonlocal_map_cost",
-    "peak_memory",
     "pointwise_cost",
     "rsa_cost",
     "rsa_saved_bytes",
-    "saved_bytes",
     "slice_attention3d_cost",
     "slice_attention_cost",
+    "unet_shapes",
     "voxels",
 ]
 
@@ -83,24 +84,14 @@ class Cost:
 
 
 def _check_shape(shape: Shape) -> tuple[int, int, int, int, int]:
-    dims = tuple(shape)
-    if len(dims) != 5 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in dims):
+    """``shape`` as five positive ints ``(B, C, D, H, W)``, checked like the layers' arguments."""
+    if isinstance(shape, str) or not isinstance(shape, Sequence) or len(shape) != 5:
         raise ValueError(f"shape must be five positive ints (B, C, D, H, W), got {shape!r}")
-    return dims  # type: ignore[return-value]
-
-
-def _check_dim(dim: int) -> int:
-    if dim not in (2, 3, 4):
-        raise ValueError(f"dim must be 2 (axial), 3 (coronal) or 4 (sagittal), got {dim!r}")
-    return dim
+    return tuple(check_positive_int(size, f"shape[{i}]") for i, size in enumerate(shape))  # type: ignore[return-value]
 
 
 def _check_channels(value: Optional[int], name: str, default: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return value
+    return default if value is None else check_positive_int(value, name)
 
 
 def voxels(shape: Shape) -> int:
@@ -120,7 +111,7 @@ def pointwise_cost(shape: Shape, out_channels: int, *, input_requires_grad: bool
 
 
 def slice_attention_cost(
-    shape: Shape, dim: int, *, qk_channels: Optional[int] = None, value_channels: Optional[int] = None
+    shape: Shape, dim: AxisLike, *, qk_channels: Optional[int] = None, value_channels: Optional[int] = None
 ) -> Cost:
     """The two matmuls of slice attention along ``dim`` (the attention map only, no projections).
 
@@ -131,12 +122,13 @@ def slice_attention_cost(
 
     Args:
         shape: ``(B, C, D, H, W)``; ``C`` is the default of both channel counts.
-        dim: 2 (axial, ``L = D``), 3 (coronal, ``L = H``) or 4 (sagittal, ``L = W``).
+        dim: 2 (axial, ``L = D``), 3 (coronal, ``L = H``) or 4 (sagittal, ``L = W``), a
+            negative index or an axis name, as in the layers.
         qk_channels: ``Cq``, query/key channels.
         value_channels: ``Cv``, value channels.
     """
     batch, channels = _check_shape(shape)[:2]
-    length = shape[_check_dim(dim)]
+    length = shape[resolve_axis(dim, name="dim")]
     qk = _check_channels(qk_channels, "qk_channels", channels)
     v = _check_channels(value_channels, "value_channels", channels)
     flops = 2 * batch * length * voxels(shape) * (qk + v)
@@ -145,7 +137,7 @@ def slice_attention_cost(
 
 def slice_attention3d_cost(
     shape: Shape,
-    dim: int,
+    dim: AxisLike,
     *,
     projection: bool = True,
     qk_channels: Optional[int] = None,
@@ -155,7 +147,7 @@ def slice_attention3d_cost(
 
     Args:
         shape: ``(B, C, D, H, W)`` input.
-        dim: the attention axis, 2, 3 or 4.
+        dim: the attention axis, as in :func:`slice_attention_cost`.
         projection: with the 1x1x1 query/key/value projection (paper's code) or without.
         qk_channels: ``Cq`` (default ``C``); needs ``projection``.
         input_requires_grad: whether backward computes the gradient of the block input.
@@ -173,7 +165,7 @@ def slice_attention3d_cost(
 def rsa_cost(
     shape: Shape,
     *,
-    order: Sequence[int] = RSA_ORDER,
+    order: Sequence[AxisLike] = RSA_ORDER,
     projection: bool = True,
     qk_channels: Optional[int] = None,
     project_once: bool = False,
@@ -189,15 +181,17 @@ def rsa_cost(
 
     Args:
         shape: ``(B, C, D, H, W)`` input.
-        order: step dims (default coronal, sagittal, axial).
+        order: step axes, dims or names (default coronal, sagittal, axial).
         projection, qk_channels, project_once: as in the layer.
         input_requires_grad: whether backward computes the gradient of the block input (the
             later steps' inputs always need one: they depend on the gates).
     """
     if project_once and not projection:
         raise ValueError("project_once=True needs projection=True")
+    if isinstance(order, str) or not isinstance(order, Sequence) or len(order) == 0:
+        raise TypeError(f"order must be a non-empty sequence of axes, got {order!r}")
     cost = Cost(0, 0)
-    for step, dim in enumerate(order):
+    for step, dim in enumerate(resolve_axis(axis, name="order") for axis in order):
         if projection and project_once and step > 0:
             cost = cost + slice_attention_cost(shape, dim, qk_channels=qk_channels)
         else:
@@ -282,118 +276,150 @@ def nonlocal_cost(
     return project + nonlocal_map_cost(shape, inter_channels=inter, sub_sample=sub_sample) + out
 
 
-# --------------------------------------------------------------------------------------------
-# measured counters
+def _maps_cost(shape: Shape, order: Sequence[AxisLike], qk_channels: Optional[int]) -> Cost:
+    """The attention maps of every RSA step, projections excluded."""
+    return sum((slice_attention_cost(shape, dim, qk_channels=qk_channels) for dim in order), Cost(0, 0))
 
 
 @dataclass(frozen=True)
-class Measured:
-    """Measured cost of one block call.
+class Comparison:
+    """RSA against the non-local block at one or more shapes (costs add over blocks).
 
     Attributes:
-        forward_flops, backward_flops: ``FlopCounterMode`` totals.
-        train_peak: peak bytes allocated above the starting level during a forward with autograd
-            recording (what the forward of a training step adds, output included).
-        inference_peak: the same under ``torch.inference_mode()``.
-        saved: bytes saved for backward by the forward (distinct storages, parameters excluded).
+        rsa_maps, nonlocal_maps: the attention maps alone (the paper's claim: memory and FLOPs).
+        rsa_block, nonlocal_block: whole blocks, projections included.
     """
 
-    forward_flops: int
-    backward_flops: int
-    train_peak: int
-    inference_peak: int
-    saved: int
+    rsa_maps: Cost
+    nonlocal_maps: Cost
+    rsa_block: Cost
+    nonlocal_block: Cost
+
+    def __add__(self, other: "Comparison") -> "Comparison":
+        return Comparison(
+            self.rsa_maps + other.rsa_maps,
+            self.nonlocal_maps + other.nonlocal_maps,
+            self.rsa_block + other.rsa_block,
+            self.nonlocal_block + other.nonlocal_block,
+        )
+
+    @property
+    def map_memory_ratio(self) -> float:
+        """Non-local / RSA attention-map bytes (the paper: at least 28)."""
+        return self.nonlocal_maps.map_bytes / self.rsa_maps.map_bytes
+
+    @property
+    def map_flop_ratio(self) -> float:
+        """Non-local / RSA attention-map forward FLOPs (the paper: at least 100)."""
+        return self.nonlocal_maps.forward / self.rsa_maps.forward
+
+    @property
+    def block_flop_ratio(self) -> float:
+        """Non-local / RSA whole-block forward FLOPs (below 1: RSA costs more)."""
+        return self.nonlocal_block.forward / self.rsa_block.forward
 
 
-def measure_flops(fn: Callable[[], object]) -> int:
-    """FLOPs counted by ``FlopCounterMode`` while ``fn()`` runs (matmuls and convolutions)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-def _memory_events(prof: torch.autograd.profiler.profile, device: torch.device) -> list[tuple[int, int]]:
-    """``(time_ns, bytes)`` of every allocation (+) and free (-) on ``device``'s type, in time order."""
-    kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
-    events = [
-        (event.start_ns(), event.nbytes())
-        for event in prof.kineto_results.events()
-        if event.name() == "[memory]" and event.device_type() == kind
-    ]
-    return sorted(events)
-
-
-def peak_memory(fn: Callable[[], object], device: Union[str, torch.device] = "cpu") -> int:
-    """Peak bytes allocated above the starting level while ``fn()`` runs, on ``device``'s type.
-
-    On CPU the allocation and free events of the autograd profiler (``profile_memory=True``)
-    are replayed in time order; they agree with the process's peak RSS. On CUDA it is
-    ``torch.cuda.max_memory_allocated`` minus the level before the call. What ``fn`` returns
-    stays alive until the end, so it counts.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        result = fn()
-        torch.cuda.synchronize(device)
-        del result
-        return int(torch.cuda.max_memory_allocated(device) - start)
-    with torch.autograd.profiler.profile(profile_memory=True) as prof:
-        result = fn()
-    del result
-    level = peak = 0
-    for _, nbytes in _memory_events(prof, device):
-        level += nbytes
-        peak = max(peak, level)
-    return peak
-
-
-def saved_bytes(fn: Callable[[], object], exclude: Iterable[Tensor] = ()) -> int:
-    """Bytes of the tensors that ``fn()`` saves for backward, each storage counted once.
+def compare(
+    shape: Shape,
+    *,
+    order: Sequence[AxisLike] = RSA_ORDER,
+    projection: bool = True,
+    qk_channels: Optional[int] = None,
+    project_once: bool = False,
+    inter_channels: Optional[int] = None,
+    sub_sample: bool = False,
+) -> Comparison:
+    """Costs of an RSA block and a non-local block at one ``(B, C, D, H, W)`` input.
 
     Args:
-        fn: runs a forward with autograd recording (its result is kept alive while counting).
-        exclude: tensors whose storages are not counted (typically the module's parameters,
-            which exist whatever the implementation).
-
-    Under ``torch.utils.checkpoint`` (non-reentrant) only the checkpointed region's inputs
-    are counted: that is what it keeps.
+        shape: the block input.
+        order, projection, qk_channels, project_once: the RSA block's options (as in the layer).
+        inter_channels, sub_sample: the non-local block's options (``C'`` default ``C // 2``).
     """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = fn()
-    del result
-    return sum(storages.values())
+    rsa = dict(order=order, projection=projection, qk_channels=qk_channels, project_once=project_once)
+    nonlocal_options = dict(inter_channels=inter_channels, sub_sample=sub_sample)
+    return Comparison(
+        _maps_cost(shape, order, qk_channels if projection else None),
+        nonlocal_map_cost(shape, **nonlocal_options),  # type: ignore[arg-type]
+        rsa_cost(shape, **rsa),  # type: ignore[arg-type]
+        nonlocal_cost(shape, **nonlocal_options),  # type: ignore[arg-type]
+    )
 
 
-def measure_block(module: torch.nn.Module, x: Tensor) -> Measured:
-    """FLOPs (forward, backward), peaks (training forward, inference) and saved bytes of ``module(x)``.
+def unet_shapes(
+    spatial_shape: Sequence[int], filters: Sequence[int] = (32, 64, 128, 256, 512), *, batch: int = 1
+) -> list[tuple[int, int, int, int, int]]:
+    """The ``(B, C, D, H, W)`` feature maps of a U-Net's levels, top to bottom.
 
-    ``x`` is ``(B, C, D, H, W)``; it is used as given (set ``requires_grad`` to measure a block
-    inside a network). Backward is driven by ``out.sum()``.
+    Level ``i`` has ``filters[i]`` channels and the input's ``(D, H, W)`` divided by ``2**i``
+    (stride-2 steps, rounded down as by pooling).
+
+    Args:
+        spatial_shape: ``(D, H, W)`` of the network input (a crop or a whole volume).
+        filters: channels per level (the paper's backbone: 32 ... 512).
+        batch: ``B``.
     """
-    params = list(module.parameters())
-    with FlopCounterMode(display=False) as counter:
-        out = module(x)
-    forward = int(counter.get_total_flops())
-    with FlopCounterMode(display=False) as counter:
-        out.sum().backward()
-    backward = int(counter.get_total_flops())
-    del out
-    module.zero_grad(set_to_none=True)
-    x.grad = None
-    train = peak_memory(lambda: module(x), x.device)
-    with torch.inference_mode():
-        inference = peak_memory(lambda: module(x), x.device)
-    saved = saved_bytes(lambda: module(x), exclude=params)
-    return Measured(forward, backward, train, inference, saved)
+    if isinstance(spatial_shape, str) or not isinstance(spatial_shape, Sequence) or len(spatial_shape) != 3:
+        raise ValueError(f"spatial_shape must be (D, H, W), got {spatial_shape!r}")
+    sizes = [check_positive_int(size, f"spatial_shape[{i}]") for i, size in enumerate(spatial_shape)]
+    if isinstance(filters, str) or not isinstance(filters, Sequence) or len(filters) == 0:
+        raise ValueError(f"filters must be a non-empty sequence of channel counts, got {filters!r}")
+    check_positive_int(batch, "batch")
+    shapes = []
+    for level, channels in enumerate(filters):
+        check_positive_int(channels, f"filters[{level}]")
+        depth, height, width = (size // 2**level for size in sizes)
+        if min(depth, height, width) < 1:
+            raise ValueError(f"spatial_shape={tuple(spatial_shape)} is too small for {len(filters)} levels")
+        shapes.append((batch, channels, depth, height, width))
+    return shapes
+
+
+def format_bytes(count: float) -> str:
+    """``count`` bytes in GiB, MiB or KiB with one decimal (``"1.5 MiB"``)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count:.0f} B"
+
+
+def cost_table(shapes: Sequence[Shape], **options: object) -> str:
+    """A Markdown table of RSA against the non-local block at each shape (e.g. from :func:`unet_shapes`).
+
+    Columns: the shape, the attention-map bytes of both and their ratio, the maps' forward
+    GFLOP and their ratio, and the whole blocks' forward GFLOP (projections included) and ratio.
+    Ratios are non-local / RSA (above 1: RSA is cheaper).
+
+    Args:
+        shapes: ``(B, C, D, H, W)`` block inputs.
+        **options: passed to :func:`compare` (``qk_channels``, ``project_once``, ``sub_sample``...).
+    """
+    header = [
+        "B×C×D×H×W",
+        "map bytes RSA",
+        "map bytes NL",
+        "NL/RSA",
+        "map GFLOP RSA",
+        "map GFLOP NL",
+        "NL/RSA",
+        "block GFLOP RSA",
+        "block GFLOP NL",
+        "NL/RSA",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for shape in shapes:
+        c = compare(shape, **options)  # type: ignore[arg-type]
+        cells = [
+            "×".join(str(size) for size in shape),
+            format_bytes(c.rsa_maps.map_bytes),
+            format_bytes(c.nonlocal_maps.map_bytes),
+            f"{c.map_memory_ratio:,.0f}",
+            f"{c.rsa_maps.forward / 1e9:.3g}",
+            f"{c.nonlocal_maps.forward / 1e9:.3g}",
+            f"{c.map_flop_ratio:,.1f}",
+            f"{c.rsa_block.forward / 1e9:.3g}",
+            f"{c.nonlocal_block.forward / 1e9:.3g}",
+            f"{c.block_flop_ratio:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,15 +1,18 @@
 """Slice-wise attention, the math (Zhang et al., RSANet, MICCAI 2019, eqs. 1-2).
 
 For an axis of length ``L`` every slice along it (all ``C x rest`` numbers) is one token:
-``A = softmax(s * Q K^T)`` is ``L x L`` and ``out_i = sum_j A[i, j] V_j``.
+``A = softmax(s * Q K^T)`` is ``L x L`` and ``out_i = sum_j A[i, j] V_j``; the SA block's output
+is ``M' = M + alpha * out``.
 
-Two implementations of the same function:
+One public entry point, :func:`slice_attention`, checks its arguments and calls the unchecked
+core :func:`_slice_attention`, which the layers call at every step. The core has two
+implementations of the same function:
 
-* ``impl="reference"``: einops ``rearrange`` to ``(B, L, C*rest)`` (the paper's M1/M2/M3),
-  matmul, softmax, matmul, ``rearrange`` back. Readable; autograd saves the rearranged copies.
 * ``impl="fused"`` (the default): a custom autograd function that keeps the rearranged copies
   transient, saves only the inputs and the ``L x L`` map, folds the residual ``M + alpha * out``
   into the same step, and writes the gradients back in the inputs' layout.
+* ``impl="reference"``: einops ``rearrange`` to ``(B, L, C*rest)`` (the paper's M1/M2/M3),
+  matmul, softmax, matmul, ``rearrange`` back. Readable; autograd saves the rearranged copies.
 
 The logits and the softmax run in float32 (float64 stays float64) whatever the input dtype or
 autocast state: ``<Q_i, K_j>`` sums ``C*H*W`` products and overflows float16 at ordinary
@@ -26,25 +29,47 @@ from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._checks import AxisLike, check_choice, check_feature_map, resolve_axis
+from ._checks import AxisLike, autocast_off, check_choice, check_feature_map, resolve_axis
 
 Scale = Union[float, Literal["auto"], None]
-Impl = Literal["auto", "fused", "reference"]
-IMPLS: tuple[str, ...] = ("auto", "fused", "reference")
+Impl = Literal["fused", "reference"]
+IMPLS: tuple[str, ...] = ("fused", "reference")
 
 
-def resolve_scale(scale: Scale, query: Tensor, dim: int) -> float:
-    """The logit multiplier: ``None`` -> 1 (the paper), ``"auto"`` -> ``1/sqrt(C * rest)``, or a float."""
+def check_scale(scale: object) -> Scale:
+    """Return ``scale`` (``"auto"`` in any case becomes ``"auto"``) if it is a valid logit scale, else raise."""
     if scale is None:
-        return 1.0
+        return None
     if isinstance(scale, str):
-        check_choice(scale, "scale", ("auto",))
-        return 1.0 / math.sqrt(query.shape[1] * (query[0, 0].numel() // query.shape[dim]))
+        return check_choice(scale, "scale", ("auto",))  # type: ignore[return-value]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be None, 'auto' or a float, got {type(scale).__name__}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite positive number, got {scale}")
     return float(scale)
+
+
+def resolve_scale(scale: Scale, shape: torch.Size, dim: int) -> float:
+    """The logit multiplier for a checked ``scale`` and query ``shape``.
+
+    ``None`` -> 1 (the paper), ``"auto"`` -> ``1/sqrt(C * rest)`` (1 when a slice is empty),
+    a float -> itself.
+    """
+    if scale is None:
+        return 1.0
+    if isinstance(scale, str):
+        size = _slice_size(shape, dim)
+        return 1.0 / math.sqrt(size) if size else 1.0
+    return scale
+
+
+def _slice_size(shape: torch.Size, dim: int) -> int:
+    """``C * rest``: the numbers in one slice along ``dim`` (a loop: torch.compile refuses a generator here)."""
+    size = 1
+    for i, extent in enumerate(shape):
+        if i not in (0, dim):
+            size *= extent
+    return size
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -56,8 +81,11 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _to_slices(x: Tensor, dim: int) -> Tensor:
-    """``(B, C, *spatial)`` -> ``(B, L, C*rest)``; a view when ``dim`` is the last axis, else a copy."""
-    return x.movedim(dim, 1).reshape(x.shape[0], x.shape[dim], -1)
+    """``(B, C, *spatial)`` -> ``(B, L, C*rest)``; a view when ``dim`` is the last axis, else a copy.
+
+    Sizes are explicit (no ``-1``) so that empty tensors reshape too.
+    """
+    return x.movedim(dim, 1).reshape(x.shape[0], x.shape[dim], _slice_size(x.shape, dim))
 
 
 def _from_slices(flat: Tensor, shape: torch.Size, dim: int) -> Tensor:
@@ -67,7 +95,7 @@ def _from_slices(flat: Tensor, shape: torch.Size, dim: int) -> Tensor:
 
 
 class _FusedSliceAttention(torch.autograd.Function):
-    """``residual + alpha * SA(q, k, v)`` (or ``SA(q, k, v)`` when ``residual`` is None)."""
+    """``(residual + alpha * SA(q, k, v), A)`` (``SA(q, k, v)`` when ``residual`` is None); ``A`` is not differentiable."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -79,8 +107,8 @@ class _FusedSliceAttention(torch.autograd.Function):
         scale: float,
         residual: Optional[Tensor],
         alpha: Optional[Tensor],
-    ) -> Tensor:
-        with torch.autocast(query.device.type, enabled=False):
+    ) -> tuple[Tensor, Tensor]:
+        with autocast_off(query.device):
             dtype = _compute_dtype(query, key)
             logits = torch.bmm(_to_slices(query, dim).to(dtype), _to_slices(key, dim).to(dtype).mT)
             attention = torch.softmax(logits.mul_(scale), dim=-1)
@@ -90,14 +118,15 @@ class _FusedSliceAttention(torch.autograd.Function):
                 out = torch.addcmul(residual, alpha.to(residual.dtype), out.to(residual.dtype))
         ctx.save_for_backward(query, key, value, attention, alpha)
         ctx.dim, ctx.scale, ctx.has_residual = dim, scale, residual is not None
-        return out
+        ctx.mark_non_differentiable(attention)
+        return out, attention
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor, _grad_attention: None):  # type: ignore[override]
         query, key, value, attention, alpha = ctx.saved_tensors
         dim, scale = ctx.dim, ctx.scale
-        with torch.autocast(grad.device.type, enabled=False):
+        with autocast_off(grad.device):
             dtype = _compute_dtype(query, key, value, grad)
             grad_flat = _to_slices(grad, dim)
             value_flat = _to_slices(value, dim)
@@ -128,29 +157,64 @@ class _FusedSliceAttention(torch.autograd.Function):
         )
 
 
-def _reference(query: Tensor, key: Tensor, value: Tensor, dim: int, scale: float) -> Tensor:
-    """The einops reference: ``(B, L, C*rest)`` slices, two matmuls, float32 softmax."""
+def _reference(query: Tensor, key: Tensor, value: Tensor, dim: int, scale: float) -> tuple[Tensor, Tensor]:
+    """The einops reference: ``(B, L, C*rest)`` slices, two matmuls, float32 softmax; returns ``(out, A)``."""
     names = [f"s{i}" for i in range(query.dim() - 2)]
     axis = names[dim - 2]
     rest = " ".join(name for name in names if name != axis)
     layout = f"b c {' '.join(names)}"
     slices = f"b {axis} (c {rest})"
-    with torch.autocast(query.device.type, enabled=False):
+    with autocast_off(query.device):
         dtype = _compute_dtype(query, key)
         m1 = rearrange(key, f"{layout} -> b (c {rest}) {axis}").to(dtype)
         m2 = rearrange(query, f"{layout} -> {slices}").to(dtype)
         m3 = rearrange(value, f"{layout} -> {slices}")
         attention = torch.softmax(torch.matmul(m2, m1) * scale, dim=-1)
         out = torch.matmul(attention.to(value.dtype), m3)
-        sizes = dict(zip(names, value.shape[2:]))
-        return rearrange(out, f"{slices} -> {layout}", **sizes)
+        # every size given: einops cannot infer a factor of an empty composite axis
+        sizes = dict(zip(names, value.shape[2:]), c=value.shape[1])
+        return rearrange(out, f"{slices} -> {layout}", **sizes), attention.detach()
 
 
-def _check_qkv(query: Tensor, key: Tensor, value: Tensor, axis: AxisLike, impl: str) -> int:
+def _slice_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    dim: int,
+    scale: float,
+    residual: Optional[Tensor],
+    alpha: Optional[Tensor],
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    """The unchecked core of :func:`slice_attention`, for callers that own the checks (the layers).
+
+    Args:
+        query, key, value: as in :func:`slice_attention`.
+        dim: a resolved spatial dim index.
+        scale: the resolved logit multiplier (:func:`resolve_scale`).
+        residual, alpha: both tensors (gated residual output) or both None.
+        impl: ``"fused"`` or ``"reference"``.
+
+    Returns:
+        The output ``(B, Cv, *spatial)`` and the attention map ``(B, L, L)`` (float32, float64 for
+        float64 inputs), detached from autograd.
+    """
+    if impl == "reference":
+        out, attention = _reference(query, key, value, dim, scale)
+        if residual is not None:
+            assert alpha is not None
+            out = residual + alpha.to(residual.dtype) * out.to(residual.dtype)
+        return out, attention
+    return _FusedSliceAttention.apply(query, key, value, dim, scale, residual, alpha)
+
+
+def _check_arguments(
+    query: Tensor, key: Tensor, value: Tensor, axis: AxisLike, residual: Optional[Tensor], alpha: Optional[Tensor]
+) -> int:
+    """Check :func:`slice_attention`'s tensors; return the resolved dim of ``axis``."""
     check_feature_map(query, "query")
     check_feature_map(key, "key")
     check_feature_map(value, "value")
-    check_choice(impl, "impl", IMPLS)
     if query.shape != key.shape:
         raise ValueError(f"query and key must have the same shape, got {tuple(query.shape)} and {tuple(key.shape)}")
     if value.dim() != query.dim() or value.shape[0] != query.shape[0] or value.shape[2:] != query.shape[2:]:
@@ -160,6 +224,17 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor, axis: AxisLike, impl: 
         )
     if not (query.device == key.device == value.device):
         raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
+    if (residual is None) != (alpha is None):
+        raise ValueError(
+            f"residual and alpha go together (M + alpha * out): got residual={'a tensor' if residual is not None else None}, "
+            f"alpha={'a tensor' if alpha is not None else None}"
+        )
+    if residual is not None:
+        check_feature_map(residual, "residual")
+        if residual.shape != value.shape:
+            raise ValueError(f"residual must have value's shape {tuple(value.shape)}, got {tuple(residual.shape)}")
+        if not isinstance(alpha, Tensor) or alpha.dim() != 0:
+            raise TypeError(f"alpha must be a 0-d tensor, got {alpha!r}")
     return resolve_axis(axis, query.dim())
 
 
@@ -169,72 +244,38 @@ def slice_attention(
     value: Tensor,
     axis: AxisLike,
     *,
+    residual: Optional[Tensor] = None,
+    alpha: Optional[Tensor] = None,
     scale: Scale = None,
-    impl: Impl = "auto",
+    impl: Impl = "fused",
 ) -> Tensor:
-    """Slice-wise attention along one spatial axis.
+    """Slice-wise attention along one spatial axis, optionally gated into a residual.
 
     Args:
         query: ``(B, Cq, *spatial)``; ``Q_i`` is its ``i``-th slice along ``axis``.
         key: same shape as ``query``.
         value: ``(B, Cv, *spatial)``.
         axis: spatial dim (``2..ndim-1`` or negative), or ``"axial"`` (D), ``"coronal"`` (H),
-            ``"sagittal"`` (W) for 5-D tensors.
-        scale: logit multiplier ``s``: ``None`` = 1 (the paper), ``"auto"`` = ``1/sqrt(Cq*rest)``,
-            or a positive float.
-        impl: ``"fused"`` (default for ``"auto"``) or the einops ``"reference"``.
+            ``"sagittal"`` (W) for 5-D tensors (case-insensitive).
+        residual: ``(B, Cv, *spatial)``, the block input ``M``; with ``alpha`` the result is
+            ``residual + alpha * out``, the SA block's ``M'`` (the fused path recovers
+            ``alpha``'s gradient from the ``L x L`` map instead of keeping ``out``).
+        alpha: 0-d gate, given together with ``residual``.
+        scale: logit multiplier ``s``: ``None`` = 1 (the paper), ``"auto"`` (any case) =
+            ``1/sqrt(Cq*rest)``, or a positive float.
+        impl: ``"fused"`` (default) or the einops ``"reference"``; the same function.
 
     Returns:
-        ``(B, Cv, *spatial)`` in ``value``'s dtype: ``out_i = sum_j softmax_j(s <Q_i, K_j>) V_j``.
+        ``(B, Cv, *spatial)``: ``out_i = sum_j softmax_j(s <Q_i, K_j>) V_j`` in ``value``'s dtype,
+        or ``residual + alpha * out`` in ``residual``'s dtype. Empty inputs (batch or a spatial
+        size 0) give an empty result of that shape.
+
+    Raises:
+        TypeError: a non-tensor or non-floating input, a non-0-d ``alpha``, a bad ``scale`` type.
+        ValueError: shapes that do not match, a bad ``axis``, ``impl`` or ``scale`` value,
+            ``residual`` without ``alpha`` or the reverse.
     """
-    dim = _check_qkv(query, key, value, axis, impl)
-    factor = resolve_scale(scale, query, dim)
-    if impl == "reference":
-        return _reference(query, key, value, dim, factor)
-    return _FusedSliceAttention.apply(query, key, value, dim, factor, None, None)
-
-
-def residual_slice_attention(
-    residual: Tensor,
-    alpha: Tensor,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    axis: AxisLike,
-    *,
-    scale: Scale = None,
-    impl: Impl = "auto",
-) -> Tensor:
-    """``residual + alpha * slice_attention(query, key, value, axis)``, the SA block's output ``M'``.
-
-    Args:
-        residual: ``(B, Cv, *spatial)``, the block input ``M``.
-        alpha: 0-d learnable gate.
-        query, key, value, axis, scale, impl: as in :func:`slice_attention`.
-
-    Returns:
-        ``(B, Cv, *spatial)`` in ``residual``'s dtype. The fused path does not keep the attention
-        output for ``alpha``'s gradient: it recovers ``<grad, out>`` from the ``L x L`` map.
-    """
-    dim = _check_qkv(query, key, value, axis, impl)
-    check_feature_map(residual, "residual")
-    if residual.shape != value.shape:
-        raise ValueError(f"residual must have value's shape {tuple(value.shape)}, got {tuple(residual.shape)}")
-    if not isinstance(alpha, Tensor) or alpha.dim() != 0:
-        raise TypeError(f"alpha must be a 0-d tensor, got {alpha!r}")
-    return gated_slice_attention(residual, alpha, query, key, value, dim, scale, impl)
-
-
-def gated_slice_attention(
-    residual: Tensor, alpha: Tensor, query: Tensor, key: Tensor, value: Tensor, dim: int, scale: Scale, impl: str
-) -> Tensor:
-    """:func:`residual_slice_attention` without the argument checks, for callers that own them.
-
-    ``dim`` is a resolved spatial dim index; the layers check their input once per forward and
-    call this at every step.
-    """
-    factor = resolve_scale(scale, query, dim)
-    if impl == "reference":
-        out = _reference(query, key, value, dim, factor)
-        return residual + alpha.to(residual.dtype) * out.to(residual.dtype)
-    return _FusedSliceAttention.apply(query, key, value, dim, factor, residual, alpha)
+    dim = _check_arguments(query, key, value, axis, residual, alpha)
+    impl = check_choice(impl, "impl", IMPLS)  # type: ignore[assignment]
+    factor = resolve_scale(check_scale(scale), query.shape, dim)
+    return _slice_attention(query, key, value, dim, factor, residual, alpha, impl)[0]

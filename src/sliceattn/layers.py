@@ -12,76 +12,23 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as recompute
 
-from ._checks import AXIS_NAMES, AxisLike, check_choice, check_feature_map, check_positive_int, low_precision, resolve_axis
-from .functional import IMPLS, Impl, Scale, gated_slice_attention, resolve_scale
+from ._checks import (
+    AXIS_NAMES,
+    AxisLike,
+    autocast_off,
+    check_bool,
+    check_choice,
+    check_feature_map,
+    check_positive_int,
+    low_precision,
+    resolve_axis,
+)
+from .functional import IMPLS, Impl, Scale, _slice_attention, check_scale, resolve_scale
+from .pointwise import pointwise_conv
 
 _DIM_NAMES = {dim: name for name, dim in AXIS_NAMES.items()}
-
-
-class _PointwiseConv(torch.autograd.Function):
-    """``out[b] = W @ x[b] + bias`` on ``(B, C, N)`` views: one batched matmul, no output copy.
-
-    Backward on CPU is oneDNN's convolution backward: 0.53-1.03x the time of MKL matmuls at the
-    benchmark sizes (the gain is at small maps with batch > 1 and at large C = 32 maps), for a
-    larger transient (up to 5x the input gradient, as ``F.conv3d``'s own backward). Elsewhere
-    batched matmuls, the weight gradient accumulated sample by sample (autograd's backward of a
-    batch-expanded weight would materialise ``B`` partial ``O x C`` gradients at once).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:  # type: ignore[override]
-        batch = x.shape[0]
-        matrix = weight.flatten(1).expand(batch, -1, -1)
-        flat = x.flatten(2)
-        out = torch.bmm(matrix, flat) if bias is None else torch.baddbmm(bias.view(1, -1, 1), matrix, flat)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return out.view(batch, -1, *x.shape[2:])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        on_cpu = grad.device.type == "cpu"
-        return pointwise_conv_backward(grad, x, weight, ctx.needs_input_grad[0], ctx.has_bias, use_onednn=on_cpu)
-
-
-def pointwise_conv_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, input_grad: bool, has_bias: bool, *, use_onednn: bool
-) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
-    """Gradients of :func:`pointwise_conv` (input or None, weight, bias or None), in ``grad``'s dtype.
-
-    ``use_onednn=True``: ``aten.convolution_backward`` (oneDNN on CPU); otherwise batched matmuls.
-    """
-    x, weight = x.to(grad.dtype), weight.to(grad.dtype)
-    if use_onednn:
-        ones = [1] * (x.dim() - 2)
-        zeros = [0] * len(ones)
-        bias_sizes = [weight.shape[0]] if has_bias else None
-        grads = torch.ops.aten.convolution_backward(
-            grad, x, weight, bias_sizes, ones, zeros, ones, False, zeros, 1, [input_grad, True, has_bias]
-        )
-        return grads[0], grads[1], grads[2]
-    batch, grad_flat, flat, matrix = x.shape[0], grad.flatten(2), x.flatten(2), weight.flatten(1)
-    grad_x = torch.bmm(matrix.mT.expand(batch, -1, -1), grad_flat).view(x.shape) if input_grad else None
-    grad_weight = grad_flat[0] @ flat[0].mT
-    for sample in range(1, batch):
-        grad_weight = torch.addmm(grad_weight, grad_flat[sample], flat[sample].mT)
-    grad_bias = grad_flat.sum((0, 2)) if has_bias else None
-    return grad_x, grad_weight.view(weight.shape), grad_bias
-
-
-def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """A 1x1x1 convolution: ``(B, C, D, H, W)`` -> ``(B, O, D, H, W)``, ``weight`` ``(O, C, 1, 1, 1)``.
-
-    One batched matmul on ``(B, C, N)`` views (contiguous or channels_last_3d input, no copy).
-    Measured on CPU (torch 2.13, 2 threads) against ``F.conv3d``, which allocates its output
-    twice: half the forward peak at 1.01-1.11x its forward+backward time.
-    """
-    return _PointwiseConv.apply(x, weight, bias)
 
 
 class QKVProjection(nn.Module):
@@ -108,30 +55,62 @@ class QKVProjection(nn.Module):
             query, key, value = pointwise_conv(x, self.weight, self.bias).split(split, dim=1)
             return query, key, value
         qk = 2 * self.qk_channels
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device):
             query, key = pointwise_conv(x.float(), self.weight[:qk].float(), self.bias[:qk].float()).split(split[:2], dim=1)
         return query, key, pointwise_conv(x, self.weight[qk:], self.bias[qk:])
 
 
-def _projection(
-    channels: int, projection: bool, qk_channels: Optional[int], scale: Scale, impl: str, device, dtype
-) -> Optional[QKVProjection]:
-    """Validate the options the two layers share; return their projection (None without one)."""
+def _shared_options(
+    channels: int, projection: bool, qk_channels: Optional[int], scale: object, impl: str, save_attention: bool, device, dtype
+) -> tuple[Optional[QKVProjection], Scale, str]:
+    """Validate the options the two layers share; return their projection (None without one), scale and impl."""
     check_positive_int(channels, "channels")
-    if not isinstance(projection, bool):
-        raise TypeError(f"projection must be a bool, got {type(projection).__name__}")
-    check_choice(impl, "impl", IMPLS)
-    resolve_scale(scale, torch.empty(1, 1, 1), 2)  # a bad scale fails here, not at the first forward
+    check_bool(projection, "projection")
+    check_bool(save_attention, "save_attention")
+    impl = check_choice(impl, "impl", IMPLS)
+    checked_scale = check_scale(scale)  # a bad scale fails here, not at the first forward
     if qk_channels is not None:
         if not projection:
             raise ValueError(f"qk_channels={qk_channels} needs projection=True (without projections query/key are the input)")
         check_positive_int(qk_channels, "qk_channels")
-    if not projection:
-        return None
-    return QKVProjection(channels, qk_channels or channels, device=device, dtype=dtype)
+    block_projection = QKVProjection(channels, qk_channels or channels, device=device, dtype=dtype) if projection else None
+    return block_projection, checked_scale, impl
 
 
-class SliceAttention3d(nn.Module):
+class _GatedSliceBlock(nn.Module):
+    """What both layers do per step: check the input, project, attend and gate, keep the maps.
+
+    Subclasses set ``projection``, ``channels``, ``scale``, ``impl``, ``alpha`` and
+    ``save_attention``.
+    """
+
+    projection: Optional[QKVProjection]
+    channels: int
+    scale: Scale
+    impl: str
+    alpha: nn.Parameter
+    save_attention: bool
+    #: the last forward's attention maps, one detached ``(B, L, L)`` tensor per step in step
+    #: order (float32, float64 for float64 input); empty unless ``save_attention=True``
+    attention_maps: tuple[Tensor, ...]
+
+    def _check_input(self, x: Tensor) -> None:
+        check_feature_map(x, "input", ndim=5, channels=self.channels, dtype=self.alpha.dtype)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.projection(x) if self.projection is not None else (x, x, x)
+
+    def _step(self, x: Tensor, alpha: Tensor, query: Tensor, key: Tensor, value: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        """``x + alpha * SA_dim(query, key, value)`` and the step's ``(B, L, L)`` map."""
+        factor = resolve_scale(self.scale, query.shape, dim)
+        return _slice_attention(query, key, value, dim, factor, x, alpha, self.impl)
+
+    def _keep(self, maps: list[Tensor]) -> None:
+        if self.save_attention:
+            self.attention_maps = tuple(attention.detach() for attention in maps)
+
+
+class SliceAttention3d(_GatedSliceBlock):
     """Slice-wise attention along one axis with a residual gate: ``M' = alpha * SA(M) + M``.
 
     Args:
@@ -142,10 +121,13 @@ class SliceAttention3d(nn.Module):
         qk_channels: reduce query/key to this many channels (a departure from the paper).
         scale: logit multiplier: None (1, the paper), ``"auto"`` (``1/sqrt(C*rest)``), or a float.
         alpha_init: initial gate; 0 makes the block the identity at init.
-        impl: ``"auto"``/``"fused"`` or the einops ``"reference"``.
+        impl: ``"fused"`` or the einops ``"reference"`` (the same function).
+        save_attention: keep the last forward's map in :attr:`attention_maps` (a 1-tuple holding
+            a detached ``(B, L, L)`` tensor); off, it stays ``()`` and costs nothing.
 
     Shape:
-        ``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``, same dtype.
+        ``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``, same dtype (the parameters' dtype outside
+        autocast: another input dtype raises ``TypeError``).
     """
 
     def __init__(
@@ -157,26 +139,31 @@ class SliceAttention3d(nn.Module):
         qk_channels: Optional[int] = None,
         scale: Scale = None,
         alpha_init: float = 0.0,
-        impl: Impl = "auto",
+        impl: Impl = "fused",
+        save_attention: bool = False,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
-        self.projection = _projection(channels, projection, qk_channels, scale, impl, device, dtype)
-        self.channels, self.dim, self.scale, self.impl = channels, resolve_axis(axis), scale, impl
+        self.projection, self.scale, self.impl = _shared_options(
+            channels, projection, qk_channels, scale, impl, save_attention, device, dtype
+        )
+        self.channels, self.dim, self.save_attention = channels, resolve_axis(axis), save_attention
         self.alpha = nn.Parameter(torch.full((), float(alpha_init), device=device, dtype=dtype))
+        self.attention_maps = ()
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``."""
-        check_feature_map(x, "input", ndim=5, channels=self.channels)
-        query, key, value = self.projection(x) if self.projection is not None else (x, x, x)
-        return gated_slice_attention(x, self.alpha, query, key, value, self.dim, self.scale, self.impl)
+        self._check_input(x)
+        out, attention = self._step(x, self.alpha, *self._project(x), self.dim)
+        self._keep([attention])
+        return out
 
     def extra_repr(self) -> str:
         return f"{self.channels}, axis={_DIM_NAMES[self.dim]!r}, scale={self.scale!r}, impl={self.impl!r}"
 
 
-class RecurrentSliceAttention3d(nn.Module):
+class RecurrentSliceAttention3d(_GatedSliceBlock):
     """Recurrent slice-wise attention (RSA): slice attention along each axis in turn.
 
     Step ``i`` reads the previous step's output ``x``, recomputes the shared projections from it
@@ -194,10 +181,14 @@ class RecurrentSliceAttention3d(nn.Module):
             (saves training memory, costs one more forward).
         scale: logit multiplier: None (1, the paper), ``"auto"`` or a float.
         alpha_init: initial value of every step's gate ``alpha`` (0: identity at init).
-        impl: ``"auto"``/``"fused"`` or the einops ``"reference"``.
+        impl: ``"fused"`` or the einops ``"reference"`` (the same function).
+        save_attention: keep the last forward's maps in :attr:`attention_maps`: one detached
+            ``(B, L, L)`` tensor per step, in step order (``L`` the length of that step's axis);
+            off, it stays ``()`` and costs nothing.
 
     Shape:
-        ``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``, same dtype.
+        ``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``, same dtype (the parameters' dtype outside
+        autocast: another input dtype raises ``TypeError``).
     """
 
     def __init__(
@@ -211,12 +202,15 @@ class RecurrentSliceAttention3d(nn.Module):
         checkpoint: bool = False,
         scale: Scale = None,
         alpha_init: float = 0.0,
-        impl: Impl = "auto",
+        impl: Impl = "fused",
+        save_attention: bool = False,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
-        self.projection = _projection(channels, projection, qk_channels, scale, impl, device, dtype)
+        self.projection, self.scale, self.impl = _shared_options(
+            channels, projection, qk_channels, scale, impl, save_attention, device, dtype
+        )
         if isinstance(order, str) or not isinstance(order, Sequence) or len(order) == 0:
             raise TypeError(f"order must be a non-empty sequence of axes, got {order!r}")
         dims = tuple(resolve_axis(axis, name="order") for axis in order)
@@ -224,10 +218,11 @@ class RecurrentSliceAttention3d(nn.Module):
             raise ValueError(f"order must name distinct axes, got {tuple(order)!r}")
         if project_once and not projection:
             raise ValueError("project_once=True needs projection=True")
-        self.channels, self.dims, self.scale, self.impl = channels, dims, scale, impl
+        self.channels, self.dims, self.save_attention = channels, dims, save_attention
         self.project_once, self.checkpoint = bool(project_once), bool(checkpoint)
         # one plain Parameter holding every step's gate (nn.ParameterList breaks DataParallel replicas)
         self.alpha = nn.Parameter(torch.full((len(dims),), float(alpha_init), device=device, dtype=dtype))
+        self.attention_maps = ()
 
     @property
     def order(self) -> tuple[str, ...]:
@@ -236,22 +231,22 @@ class RecurrentSliceAttention3d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``."""
-        check_feature_map(x, "input", ndim=5, channels=self.channels)
+        self._check_input(x)
         if self.checkpoint and torch.is_grad_enabled():
             return recompute(self._steps, x, use_reentrant=False)
         return self._steps(x)
-
-    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.projection(x) if self.projection is not None else (x, x, x)
 
     def _steps(self, x: Tensor) -> Tensor:
         # project_once: every step uses the block input's projections (the residual stream still
         # runs through the steps); otherwise each step projects the previous step's output
         query, key, value = self._project(x)
+        maps = []
         for step, dim in enumerate(self.dims):
             if step > 0 and not self.project_once:
                 query, key, value = self._project(x)
-            x = gated_slice_attention(x, self.alpha[step], query, key, value, dim, self.scale, self.impl)
+            x, attention = self._step(x, self.alpha[step], query, key, value, dim)
+            maps.append(attention)
+        self._keep(maps)
         return x
 
     def extra_repr(self) -> str:
