@@ -4,7 +4,7 @@ Two on-disk layouts are supported (see ``docs/ms_lesion.md``):
 
 * nnU-Net v2 / Medical Segmentation Decathlon: ``imagesTr/<case>_<XXXX>.nii.gz`` with the channel
   order read from ``dataset.json`` (``channel_names``, or MSD's ``modality``), ``labelsTr/<case>.nii.gz``;
-* one folder per subject, files matched by case-insensitive glob patterns (``DEFAULT_PATTERNS``).
+* one folder per subject, files matched by name tokens (``ROLE_TOKENS``) or by ``--pattern ROLE=GLOB``.
 
 Every volume is reoriented to RAS with nibabel, then transposed so that the through-plane axis
 (largest voxel spacing) comes first: the model layout ``(D, H, W)``. For an axial scan that is
@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -28,22 +30,40 @@ from scipy import ndimage
 MODALITIES: tuple[str, ...] = ("t1", "t2", "flair")
 LAYOUTS: tuple[str, ...] = ("auto", "nnunet", "subject-folders")
 LABEL2_MODES: tuple[str, ...] = ("error", "ignore", "lesion")
+NORMALISATIONS: tuple[str, ...] = ("auto", "brain-mask", "foreground")
 CENTRES: tuple[str, ...] = ("brain", "anywhere")
+ROLES: tuple[str, ...] = (*MODALITIES, "mask", "brain_mask")
 IGNORE_LABEL = 255
 
-# Role -> "|"-separated glob alternatives, matched case-insensitively against the file name (or against
-# the path relative to the subject folder when the pattern contains "/"). Alternatives starting with "!"
-# exclude. A file matching several roles goes to the first role in ROLE_PRIORITY, so "P1_T1_FLAIR" is
-# FLAIR (not T1), "T2-FLAIR" is FLAIR (not T2), and "brain_mask" is a brain mask (not a lesion mask).
-DEFAULT_PATTERNS: dict[str, str] = {
-    "t1": "*t1*|*mprage*|!*gado*|!*t1gd*|!*t1ce*|!*t1c.*|!*t1c_*|!*t1_gd*",
-    "t2": "*t2*|!*t2star*|!*t2_star*|!*t2s.*|!*t2s_*|!*t2\\**",
-    "flair": "*flair*",
-    "mask": "*mask*|*gt*|*consensus*|*gold*",
-    "brain_mask": "*brain*mask*|*brainmask*|*skull*strip*mask*",
+# File names are read as tokens (split at anything but letters and digits), never as substrings, so
+# "length" or "regtoMNI" do not contain the token "gt". A token names a role when it fully matches
+# the role's expression; a name with tokens of several roles goes to the first role in ROLE_PRIORITY
+# ("P1_T1_FLAIR" is FLAIR, "T2-FLAIR" is FLAIR, "T1_brain_mask" is a brain mask). A token that names a
+# reference space ("T2_in_FLAIR_space", "T1_to_FLAIR") is not the image's own contrast. BIDS names
+# ("sub-01_space-FLAIR_T1w", "sub-01_label-lesion_mask") are read the BIDS way: the suffix names the
+# image and the key-value entities qualify it. ``--pattern ROLE=GLOB`` replaces a role's rule.
+ROLE_TOKENS: dict[str, str] = {
+    "t1": r"t1w?|(t1)?mp2?rage",
+    "t2": r"t2w?",
+    "flair": r"(3d)?(t2)?flair\d*",
+    "mask": r"(lesion)?masks?\d*|lesions?\d*|seg|segmentation|gt|groundtruth|consensus|gold(standard)?|labels?"
+            r"|wmh|manual\d*",
+    "brain_mask": r"brainmask|bet_?mask",
 }
+# Tokens that disqualify a role: contrast-enhanced T1 is not T1, T2-star is not T2.
+ROLE_EXCLUDES: dict[str, frozenset[str]] = {
+    "t1": frozenset({"gd", "gado", "gadolinium", "ce", "t1ce", "t1gd", "t1c", "contrast", "post", "postcontrast"}),
+    "t2": frozenset({"star", "t2star", "t2s"}),
+}
+SPACE_WORDS = frozenset({"in", "to", "reg", "regto", "reg2", "space", "into", "onto", "coreg", "ref"})
+LESION_WORDS = frozenset({"lesion", "lesions", "ms", "msl", "wmh", "consensus"})
+BIDS_SUFFIXES: dict[str, str] = {"t1w": "t1", "t1": "t1", "t2w": "t2", "t2": "t2", "flair": "flair"}
 ROLE_PRIORITY: tuple[str, ...] = ("brain_mask", "mask", "flair", "t2", "t1")
+ROLE_NAMES: dict[str, str] = {"mask": "lesion mask", "brain_mask": "brain mask"}
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
+# MS lesions occupy well under 10 % of the brain (a heavy load is about 50 mL of 1200 mL); a "lesion
+# mask" covering more is a brain or tissue mask picked by mistake.
+MAX_LESION_BRAIN_FRACTION = 0.10
 
 # Two grids are "the same" when the world positions of the volume corners differ by less than this
 # fraction of the smallest voxel size (absorbs float32 rounding of affines written by other tools).
@@ -81,10 +101,10 @@ class Case:
 
     Attributes:
         id: case identifier (folder name or nnU-Net case id).
-        image: ``(M, D, H, W)`` float32, z-scored within the brain mask, modalities in ``modalities`` order.
+        image: ``(M, D, H, W)`` float32, z-scored (see ``load_case``), modalities in ``modalities`` order.
             ``D`` is the through-plane axis (largest spacing); for axial scans ``(D, H, W) = (z, y, x)``.
         label: ``(D, H, W)`` uint8, 0 background, 1 lesion, 255 ignore; ``None`` without a mask file.
-        brain_mask: ``(D, H, W)`` bool, the voxels used for normalisation.
+        brain_mask: ``(D, H, W)`` bool: the brain-mask file, else the non-zero voxels (crops are centred in it).
         spacing: voxel size in mm, ``(D, H, W)`` order.
         modalities: modality names, one per image channel.
         source: the source geometry; ``None`` for cases built in memory (then ``to_original`` assumes
@@ -151,8 +171,54 @@ def _image(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None
 # --------------------------------------------------------------------------------------------- finding
 
 
-def _matches(name: str, pattern: str) -> bool:
-    """Whether ``name`` (a lower-case relative path) matches a ``|``/``!`` glob pattern."""
+def _stem(name: str) -> str:
+    """The lower-case file name without folders and NIfTI suffix; ``*`` (as in "T2*") reads as "star"."""
+    name = name.rsplit("/", 1)[-1].lower()
+    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name.replace("*", "_star")
+
+
+def _bids_roles(stem: str) -> set[str] | None:
+    """The roles of a BIDS name (``key-value`` entities, then a suffix), or None if it is not one."""
+    parts = stem.split("_")
+    if len(parts) < 2 or "-" in parts[-1] or not all(re.fullmatch(r"[a-z]+-[a-z0-9]+", p) for p in parts[:-1]):
+        return None
+    entities = dict(p.split("-", 1) for p in parts[:-1])
+    suffix = parts[-1]
+    if suffix in BIDS_SUFFIXES:
+        role = BIDS_SUFFIXES[suffix]
+        return set() if role == "t1" and "ce" in entities else {role}
+    if suffix in ("mask", "roi", "dseg", "lesion", "lesions"):
+        what = {entities.get("label", ""), entities.get("desc", "")}
+        if "brain" in what:
+            return {"brain_mask"}
+        return {"mask"} if what & LESION_WORDS or not what - {""} else set()
+    return set()
+
+
+def default_roles(name: str) -> set[str]:
+    """The roles the built-in rules give a file name (empty: no role); see ``ROLE_TOKENS``."""
+    stem = _stem(name)
+    bids = _bids_roles(stem)
+    if bids is not None:
+        return bids
+    tokens = [t for t in re.split(r"[^a-z0-9]+", stem) if t]
+    # A contrast named as a reference space ("in FLAIR space", "to FLAIR") is not this image's contrast.
+    own = [t for i, t in enumerate(tokens)
+           if not (i > 0 and tokens[i - 1] in SPACE_WORDS) and not (i + 1 < len(tokens) and tokens[i + 1] == "space")]
+    roles = {role for role, expr in ROLE_TOKENS.items() if any(re.fullmatch(expr, t) for t in own)}
+    roles -= {role for role, words in ROLE_EXCLUDES.items() if words & set(tokens)}
+    if "brain" in tokens and "mask" in roles and not LESION_WORDS & set(tokens):
+        roles = (roles - {"mask"}) | {"brain_mask"}  # "brain_mask", "T1_brain_mask", "skull_strip_brain_mask"
+    return roles
+
+
+def _glob_matches(name: str, pattern: str) -> bool:
+    """Whether ``name`` (a relative path) matches a ``|``/``!`` glob pattern, case-insensitively."""
+    name = name.lower()
     alternatives = [alt.strip().lower() for alt in pattern.split("|") if alt.strip()]
     include = [alt for alt in alternatives if not alt.startswith("!")]
     exclude = [alt[1:] for alt in alternatives if alt.startswith("!")]
@@ -163,33 +229,44 @@ def _matches(name: str, pattern: str) -> bool:
     return any(hit(g) for g in include) and not any(hit(g) for g in exclude)
 
 
-def _assign(names: Sequence[str], patterns: Mapping[str, str]) -> dict[str, list[str]]:
-    """Role -> matching names; each name goes to its highest-priority matching role."""
-    order = [r for r in ROLE_PRIORITY if r in patterns] + [r for r in patterns if r not in ROLE_PRIORITY]
-    found: dict[str, list[str]] = {role: [] for role in patterns}
+def _assign(names: Sequence[str], roles: Sequence[str], patterns: Mapping[str, str]) -> dict[str, list[str]]:
+    """Role -> matching names. A user pattern decides its role alone; the built-in rules decide the
+    others; each name goes to its highest-priority role."""
+    order = [r for r in ROLE_PRIORITY if r in roles] + [r for r in roles if r not in ROLE_PRIORITY]
+    found: dict[str, list[str]] = {role: [] for role in roles}
     for name in names:
-        role = next((r for r in order if _matches(name.lower(), patterns[r])), None)
-        if role is not None:
-            found[role].append(name)
+        by_rule = default_roles(name)
+        matched = [r for r in order if (_glob_matches(name, patterns[r]) if r in patterns else r in by_rule)]
+        if matched:
+            found[matched[0]].append(name)
     return found
 
 
-def _check_modalities(modalities: Sequence[str], patterns: Mapping[str, str]) -> tuple[str, ...]:
+def parse_patterns(items: Sequence[str]) -> dict[str, str]:
+    """``["flair=raw/*flair*", ...]`` (``--pattern ROLE=GLOB``) -> ``{"flair": "raw/*flair*"}``."""
+    patterns: dict[str, str] = {}
+    for item in items:
+        role, sep, glob = item.partition("=")
+        role = role.strip().lower()
+        if not sep or not role or not glob.strip():
+            raise ValueError(f"--pattern takes ROLE=GLOB (e.g. --pattern 'flair=*FLAIR*'), got {item!r}")
+        patterns[role] = glob.strip()
+    return patterns
+
+
+def _check_roles(modalities: Sequence[str], patterns: Mapping[str, str]) -> tuple[str, ...]:
     modalities = tuple(modalities)
     if not modalities or len(set(modalities)) != len(modalities):
         raise ValueError(f"modalities must be a non-empty list of distinct names, got {modalities!r}")
-    unknown = [m for m in modalities if m not in patterns]
+    unknown = [m for m in modalities if m not in ROLES and m not in patterns]
     if unknown:
-        raise ValueError(
-            f"modalities {unknown} have no file pattern; known: {sorted(patterns)} (add one with patterns=)"
-        )
+        raise ValueError(f"modalities {unknown} have no built-in rule; known: {list(MODALITIES)} "
+                         f"(give one with --pattern {unknown[0]}=GLOB)")
+    bad_roles = [r for r in patterns if r not in ROLES and r not in modalities]
+    if bad_roles:
+        raise ValueError(f"--pattern role {bad_roles[0]!r} is neither a modality {list(modalities)} nor "
+                         "'mask' or 'brain_mask'")
     return modalities
-
-
-def _patterns(patterns: Mapping[str, str] | None) -> dict[str, str]:
-    merged = dict(DEFAULT_PATTERNS)
-    merged.update(patterns or {})
-    return merged
 
 
 def _is_nifti(path: Path) -> bool:
@@ -212,9 +289,9 @@ def find_cases(
         layout: ``"nnunet"`` (``dataset.json`` + ``imagesTr``/``labelsTr``), ``"subject-folders"``
             (one folder per subject) or ``"auto"`` (nnU-Net if ``dataset.json`` or ``imagesTr`` exists).
         modalities: modalities to read, in channel order.
-        patterns: role -> glob pattern overriding ``DEFAULT_PATTERNS`` (roles: modality names, ``"mask"``,
-            ``"brain_mask"``); in the nnU-Net layout the modality patterns are matched against the
-            ``dataset.json`` channel names.
+        patterns: role -> glob pattern replacing the built-in rule of that role (roles: modality
+            names, ``"mask"``, ``"brain_mask"``); in the nnU-Net layout the modality rules and patterns
+            are matched against the ``dataset.json`` channel names.
         require_mask: raise if a case has no lesion mask (else its ``mask`` is ``None``).
         errors: if given, a case with a missing or ambiguous file is left out and its error
             stored here under its id instead of raised (so one bad subject does not stop a batch).
@@ -229,14 +306,14 @@ def find_cases(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist or is not a folder")
-    pats = _patterns(patterns)
-    modalities = _check_modalities(modalities, pats)
+        raise DataError(f"dataset folder {root} does not exist or is not a folder (check --data)")
+    patterns = dict(patterns or {})
+    modalities = _check_roles(modalities, patterns)
     if layout == "auto":
         layout = "nnunet" if (root / "dataset.json").is_file() or (root / "imagesTr").is_dir() else "subject-folders"
     find = _find_nnunet if layout == "nnunet" else _find_subject_folders
     cases = []
-    for case_id, case in find(root, modalities, pats, require_mask):
+    for case_id, case in find(root, modalities, patterns, require_mask):
         if isinstance(case, DataError):
             if errors is None:
                 raise case
@@ -248,8 +325,12 @@ def find_cases(
     return sorted(cases, key=lambda c: c.id)
 
 
+def _rule(role: str, patterns: Mapping[str, str]) -> str:
+    return f"pattern {patterns[role]!r}" if role in patterns else "the built-in rule"
+
+
 def _find_nnunet(
-    root: Path, modalities: tuple[str, ...], pats: dict[str, str], require_mask: bool
+    root: Path, modalities: tuple[str, ...], patterns: dict[str, str], require_mask: bool
 ) -> Iterator[tuple[str, CasePaths | DataError]]:
     """Each case id with its paths, or with the error that makes it unusable."""
     meta_path = root / "dataset.json"
@@ -263,16 +344,17 @@ def _find_nnunet(
     if not isinstance(channels, dict) or not channels:
         raise DataError(f"{meta_path} has no 'channel_names' (nnU-Net v2) or 'modality' (MSD) mapping")
     ending = str(meta.get("file_ending", ".nii.gz"))
-    # Channel names are matched with the same patterns as file names ("FLAIR" -> flair, "T1w" -> t1).
-    by_role = _assign([str(v) for v in channels.values()], {m: pats[m] for m in modalities})
+    # Channel names are matched with the same rules as file names ("FLAIR" -> flair, "T1w" -> t1).
+    by_role = _assign([str(v) for v in channels.values()], modalities, patterns)
     index = {str(v): int(k) for k, v in channels.items()}
     channel_of: dict[str, int] = {}
     for modality in modalities:
         names = by_role[modality]
         if len(names) != 1:
             raise DataError(
-                f"{meta_path}: modality {modality!r} (pattern {pats[modality]!r}) matches "
-                f"{'no' if not names else 'several'} channel names {names or list(channels.values())}"
+                f"{meta_path}: modality {modality!r} ({_rule(modality, patterns)}) matches "
+                f"{'no' if not names else 'several'} channel names {names or list(channels.values())}; "
+                f"choose with --pattern {modality}=NAME"
             )
         channel_of[modality] = index[names[0]]
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
@@ -295,21 +377,23 @@ def _find_nnunet(
 
 
 def _find_subject_folders(
-    root: Path, modalities: tuple[str, ...], pats: dict[str, str], require_mask: bool
+    root: Path, modalities: tuple[str, ...], patterns: dict[str, str], require_mask: bool
 ) -> Iterator[tuple[str, CasePaths | DataError]]:
     """Each subject folder's id with its paths, or with the error that makes it unusable."""
-    roles = {m: pats[m] for m in (*modalities, "mask", "brain_mask")}
+    roles = (*modalities, "mask", "brain_mask")
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if _is_nifti(p)}
         if not files:
             continue  # not a subject folder (docs, a cache...)
-        found = _assign(list(files), roles)
+        found = _assign(list(files), roles, patterns)
         ambiguous = {role: names for role, names in found.items() if len(names) > 1}
         if ambiguous:
             role, names = next(iter(ambiguous.items()))
             yield folder.name, DataError(
-                f"subject folder {folder}: {role} pattern {roles[role]!r} matches several files "
-                f"{names}; narrow it with patterns={{{role!r}: ...}} (e.g. a sub-folder: 'sub/*{role}*')"
+                f"subject folder {folder}: {len(names)} files could be the {ROLE_NAMES.get(role, role + ' image')} "
+                f"({_rule(role, patterns)}): {names}; choose one with --pattern {role}=GLOB (e.g. --pattern "
+                f"'{role}={next((n for n in names if '/' in n), names[0])}'; a GLOB with '/' matches the path inside "
+                "the folder)"
             )
             continue
         chosen = {role: files[names[0]] if names else None for role, names in found.items()}
@@ -318,8 +402,9 @@ def _find_subject_folders(
             missing.append("mask")
         if missing:
             yield folder.name, DataError(
-                f"subject folder {folder}: no file for {missing} (patterns "
-                f"{ {r: roles[r] for r in missing} }); files there: {list(files)}"
+                f"subject folder {folder}: no file for {missing} "
+                f"({', '.join(f'{r}: {_rule(r, patterns)}' for r in missing)}); files there: {list(files)}; "
+                f"name it with --pattern {missing[0]}=GLOB"
             )
             continue
         images = {m: chosen[m] for m in modalities}
@@ -419,7 +504,7 @@ def _normalise(data: np.ndarray, brain: np.ndarray, path: Path, what: str) -> np
     inside = data[brain]
     mean, std = float(inside.mean()), float(inside.std())
     if std == 0.0:
-        raise DataError(f"{what} file {path} is constant ({mean}) inside the brain mask; cannot normalise")
+        raise DataError(f"{what} file {path} is constant ({mean}) where it is z-scored; cannot normalise")
     return ((data - mean) / std).astype(np.float32)
 
 
@@ -429,6 +514,7 @@ def load_case(
     modalities: Sequence[str] = MODALITIES,
     resample: bool = False,
     label2: str = "error",
+    normalisation: str = "foreground",
 ) -> Case:
     """Read, check, reorient (RAS, then through-plane first) and z-score one case.
 
@@ -438,6 +524,10 @@ def load_case(
         resample: resample modalities and masks onto the first modality's grid instead of raising
             when shapes or affines differ.
         label2: what a mask label 2 means: ``"error"`` (raise), ``"ignore"`` (-> 255) or ``"lesion"`` (-> 1).
+        normalisation: the voxels each modality is z-scored over: ``"foreground"`` (non-zero in any
+            modality: the brain of skull-stripped data, the whole field of view otherwise; the same
+            whether or not a brain-mask file exists) or ``"brain-mask"`` (inside the case's brain-mask
+            file, which must exist).
 
     Returns:
         The case in model layout; see ``Case``.
@@ -447,6 +537,14 @@ def load_case(
     """
     if label2 not in LABEL2_MODES:
         raise ValueError(f"label2 must be one of {LABEL2_MODES}, got {label2!r}")
+    if normalisation not in NORMALISATIONS[1:]:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS[1:]}, got {normalisation!r}")
+    if normalisation == "brain-mask" and paths.brain_mask is None:
+        raise DataError(
+            f"case {paths.id!r} has no brain-mask file, but the model z-scores inside brain masks "
+            "(normalisation 'brain-mask'); add its brain mask (see --pattern brain_mask=GLOB) or train with "
+            "--normalisation foreground"
+        )
     modalities = tuple(modalities)
     missing = [m for m in modalities if m not in paths.images]
     if not modalities or missing:
@@ -466,14 +564,15 @@ def load_case(
     if paths.mask is not None:
         data, img = _read(paths.mask, "lesion mask")
         label = _label(_on_grid(data, img, ref, "lesion mask", paths.mask, ref_mod, resample, order=0), paths.mask, label2)
+    # Skull-stripped data: the brain is where any modality is non-zero.
+    foreground = np.any([v != 0 for v in volumes], axis=0)
+    brain = foreground
     if paths.brain_mask is not None:
         data, img = _read(paths.brain_mask, "brain mask")
         brain = _on_grid(data, img, ref, "brain mask", paths.brain_mask, ref_mod, resample, order=0) > 0
         if not brain.any():
             raise DataError(f"brain mask file {paths.brain_mask} is empty (no voxel above 0)")
-    else:
-        # Skull-stripped data: the brain is where any modality is non-zero.
-        brain = np.any([v != 0 for v in volumes], axis=0)
+    region = brain if normalisation == "brain-mask" else foreground
 
     to_ras = ornt.io_orientation(ref.affine)
     spacing_src = np.sqrt((ref.affine[:3, :3] ** 2).sum(0))
@@ -484,13 +583,8 @@ def load_case(
     def model(volume: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.transpose(ornt.apply_orientation(volume, to_ras), permutation))
 
-    brain_model = model(brain)
-    image = np.stack(
-        [
-            _normalise(model(v), brain_model, paths.images[m], m)
-            for m, v in zip(modalities, volumes)
-        ]
-    )
+    region_model = model(region)
+    image = np.stack([_normalise(model(v), region_model, paths.images[m], m) for m, v in zip(modalities, volumes)])
     source = SourceGeometry(
         shape=tuple(ref.shape[:3]), affine=ref.affine.copy(), header=ref.header.copy(),
         to_ras=to_ras, permutation=permutation,
@@ -499,12 +593,54 @@ def load_case(
         id=paths.id,
         image=image,
         label=None if label is None else model(label),
-        brain_mask=brain_model,
+        brain_mask=model(brain),
         # Rounded: affines stored as float32 would give 0.699999988 for 0.7 mm.
         spacing=tuple(round(float(spacing_ras[a]), 5) for a in permutation),  # type: ignore[arg-type]
         modalities=modalities,
         source=source,
     )
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How a dataset is read: chosen once (command line or defaults), recorded with a run, read back.
+
+    ``layout``, ``patterns``, ``resample`` and ``label2`` only say how to find and read files;
+    ``modalities`` and ``normalisation`` define what the model sees and must match the model's.
+    ``normalisation="auto"`` is resolved on the training cases by ``resolve_normalisation``.
+    """
+
+    layout: str = "auto"
+    modalities: tuple[str, ...] = MODALITIES
+    patterns: dict[str, str] = field(default_factory=dict)
+    label2: str = "error"
+    resample: bool = False
+    normalisation: str = "auto"
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-able dict (checkpoints store it); ``DataOptions(**record)`` rebuilds the options."""
+        return {"layout": self.layout, "modalities": list(self.modalities), "patterns": dict(self.patterns),
+                "label2": self.label2, "resample": self.resample, "normalisation": self.normalisation}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> DataOptions:
+        return cls(**{**record, "modalities": tuple(record["modalities"]), "patterns": dict(record["patterns"])})
+
+    def find(self, root: str | Path, **kwargs: Any) -> list[CasePaths]:
+        """``find_cases`` with these options."""
+        return find_cases(root, layout=self.layout, modalities=self.modalities, patterns=self.patterns, **kwargs)
+
+    def load(self, paths: CasePaths) -> Case:
+        """``load_case`` with these options (``normalisation`` must be resolved)."""
+        return load_case(paths, modalities=self.modalities, resample=self.resample, label2=self.label2,
+                         normalisation=self.normalisation)
+
+
+def resolve_normalisation(choice: str, cases: Sequence[CasePaths]) -> str:
+    """``"auto"`` -> ``"brain-mask"`` when every case has a brain-mask file, else ``"foreground"``."""
+    if choice != "auto":
+        return choice
+    return "brain-mask" if cases and all(c.brain_mask is not None for c in cases) else "foreground"
 
 
 def load_dataset(
@@ -515,11 +651,56 @@ def load_dataset(
     patterns: Mapping[str, str] | None = None,
     resample: bool = False,
     label2: str = "error",
+    normalisation: str = "auto",
     require_mask: bool = True,
 ) -> list[Case]:
-    """``find_cases`` then ``load_case`` on each; see those for the arguments."""
+    """``find_cases`` then ``load_case`` on each (``normalisation="auto"`` resolved over the cases)."""
     found = find_cases(root, layout=layout, modalities=modalities, patterns=patterns, require_mask=require_mask)
-    return [load_case(paths, modalities=modalities, resample=resample, label2=label2) for paths in found]
+    normalisation = resolve_normalisation(normalisation, found)
+    return [load_case(p, modalities=modalities, resample=resample, label2=label2, normalisation=normalisation)
+            for p in found]
+
+
+def lesion_brain_fraction(case: Case) -> float:
+    """Lesion voxels over brain voxels (``Case.brain_mask``); MS lesions are a few per cent at most."""
+    return float(case.lesion_voxels().size / max(case.brain_voxels().size, 1))
+
+
+def check_lesion_masks(cases: Sequence[Case]) -> None:
+    """Refuse training masks that cannot be MS lesion masks: all empty, or covering a brain or tissue.
+
+    Raises:
+        DataError: naming the subjects and the fix.
+    """
+    large = {c.id: lesion_brain_fraction(c) for c in cases if lesion_brain_fraction(c) > MAX_LESION_BRAIN_FRACTION}
+    if large:
+        shown = ", ".join(f"{i} ({f:.0%})" for i, f in sorted(large.items()))
+        raise DataError(
+            f"the lesion masks of {shown} cover more than {MAX_LESION_BRAIN_FRACTION:.0%} of the brain: this looks "
+            "like a brain or tissue mask, not MS lesions; check the files with --list and choose the lesion file "
+            "with --pattern mask=GLOB"
+        )
+    if cases and not any(c.lesion_voxels().size for c in cases):
+        raise DataError(f"every training lesion mask is empty ({len(cases)} subjects); nothing to learn. "
+                        "Check the files with --list and --pattern mask=GLOB")
+
+
+def describe(root: Path, paths: CasePaths, case: Case) -> str:
+    """A few lines for ``--list``: which file took which role, shape, spacing, lesion fraction."""
+    def rel(path: Path | None) -> str:
+        return "-" if path is None else (path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path))
+
+    roles = {**paths.images, "mask": paths.mask, "brain_mask": paths.brain_mask}
+    lines = [f"{case.id}:"] + [f"  {role:<10} {rel(path)}" for role, path in roles.items()]
+    shape = "x".join(map(str, case.image.shape[1:]))
+    spacing = "x".join(f"{s:g}" for s in case.spacing)
+    summary = f"  (D, H, W) {shape} voxels of {spacing} mm"
+    if case.label is not None:
+        fraction = lesion_brain_fraction(case)
+        summary += f"; lesions {case.lesion_voxels().size} voxels = {fraction:.2%} of the brain"
+        if fraction > MAX_LESION_BRAIN_FRACTION:
+            summary += " <- this looks like a brain or tissue mask, not MS lesions"
+    return "\n".join(lines + [summary])
 
 
 # --------------------------------------------------------------------------------------------- crops

@@ -2,112 +2,64 @@
 
     python examples/ms_lesion/evaluate.py --checkpoint runs/rsa-010/model.pt --data DIR [--split FILE] --out DIR
 
-Writes ``<out>/metrics.json`` (cohort summary, see ``metrics.summarise``) and ``<out>/cases.csv``
-(one row per subject).
+The data options (modalities, file patterns, label policy, normalisation) default to the ones the
+model was trained with. Writes ``<out>/metrics.json`` (cohort summary, see ``metrics.summarise``) and
+``<out>/cases.csv`` (one row per subject); existing files there are kept unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
+from cli import (
+    Parser, add_data_options, add_inference_options, command, data_options, list_cases, select_device,
+)
+from data import DataOptions
+from inference import evaluate_cases
+from model import load_trained
+from run import UsageError, check_split, read_split, write_csv, write_json
 
-from data import Case, load_dataset
-from inference import add_inference_options, predict_mask, select_device
-from metrics import case_counts, scores, summarise
-from model import load_trained, save_atomically
-
-
-def evaluate_cases(
-    model: nn.Module,
-    cases: Sequence[Case],
-    tile: Sequence[int],
-    *,
-    overlap: float = 0.5,
-    device: torch.device | str = "cpu",
-    amp_dtype: torch.dtype | None = None,
-) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Segment each labelled case whole and score it.
-
-    Args:
-        model: the network (put in eval mode here, left in it).
-        cases: labelled cases.
-        tile: sliding-window tile ``(d, h, w)``, usually the training crop.
-        overlap: tile overlap in [0, 1).
-        device: where the model runs.
-        amp_dtype: CUDA autocast dtype or None.
-
-    Returns:
-        The cohort summary, one row of scores per case (with ``id``), and the ``(D, H, W)`` uint8
-        predictions by case id.
-    """
-    model.eval()
-    counts, rows, predictions = [], [], {}
-    for case in cases:
-        if case.label is None:
-            raise ValueError(f"case {case.id!r} has no lesion mask; evaluation needs labelled cases")
-        mask = predict_mask(model, case.image, tile, overlap=overlap, device=device, amp_dtype=amp_dtype)
-        count = case_counts(mask, case.label, case.spacing)
-        counts.append(count)
-        rows.append({"id": case.id, **scores(count), "predicted_voxels": count.tp + count.fp,
-                     "reference_voxels": count.tp + count.fn})
-        predictions[case.id] = mask
-    return summarise(counts), rows, predictions
-
-
-def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """Write dict rows (same keys) as CSV, atomically."""
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
-            writer.writeheader()
-            writer.writerows(rows)
-    return save_atomically(path, write)
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    return save_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=float)))
-
-
-def read_split(path: str | Path) -> dict[str, list[str]]:
-    """A split file: ``{"train": [ids], "test": [ids]}``."""
-    split = json.loads(Path(path).read_text())
-    if not isinstance(split, dict) or not {"train", "test"} <= split.keys():
-        raise ValueError(f"split file {path} must hold a JSON object with 'train' and 'test' id lists")
-    return {"train": list(split["train"]), "test": list(split["test"])}
+OUTPUTS = ("metrics.json", "cases.csv")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt written by train.py")
     parser.add_argument("--data", required=True, help="dataset folder (subject folders or nnU-Net layout)")
     parser.add_argument("--split", default=None, help="split JSON; evaluate its 'test' ids (default: all subjects)")
     parser.add_argument("--out", required=True, help="output folder for metrics.json and cases.csv")
+    parser.add_argument("--overwrite", action="store_true", help="replace metrics.json and cases.csv in --out")
+    add_data_options(parser)
     add_inference_options(parser)
     return parser
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = select_device(args.device)
-    model, meta = load_trained(args.checkpoint, device)
-    cases = load_dataset(args.data, modalities=meta["modalities"])
-    if args.split:
-        wanted = set(read_split(args.split)["test"])
-        cases = [c for c in cases if c.id in wanted]
-        if not cases:
-            raise SystemExit(f"error: none of the test ids of {args.split} is in {args.data}")
-    summary, rows, _ = evaluate_cases(model, cases, meta["crop"], overlap=args.overlap, device=device)
     out = Path(args.out)
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    model, meta = load_trained(args.checkpoint, device)
+    options = data_options(args, DataOptions.from_record(meta["data"]))
+    if args.list:
+        list_cases(args.data, options, require_mask=True)
+        return 0
+    found = options.find(args.data)
+    if args.split:
+        split = read_split(args.split)
+        check_split(split, [p.id for p in found], args.split)
+        found = [p for p in found if p.id in set(split["test"])]
+    if not found:
+        raise UsageError(f"no subject to evaluate in {args.data}")
+    cases = [options.load(p) for p in found]
+    summary, rows, _ = evaluate_cases(model, cases, meta["crop"], overlap=args.overlap, device=device)
     write_json(out / "metrics.json", summary)
     write_csv(out / "cases.csv", rows)
     print(json.dumps({k: round(v, 4) for k, v in summary.items()}, indent=1))

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from metrics import case_scores  # noqa: E402
-from model import save_atomically  # noqa: E402
+from run import save_atomically  # noqa: E402
 
 AGREE, FALSE_POSITIVE, MISSED = (1.0, 0.1, 0.1), (1.0, 0.9, 0.1), (0.2, 0.5, 1.0)
 

@@ -1,4 +1,4 @@
-"""Full-volume sliding-window inference: overlapping tiles, Gaussian-weighted blending.
+"""Full-volume sliding-window inference (overlapping tiles, Gaussian-weighted blending), and scoring it.
 
 Tiles of the training crop size cover the volume with the requested overlap (the last tile of an
 axis is flush with the end, as in nnU-Net); each tile's softmax is weighted by a Gaussian centred on
@@ -8,32 +8,17 @@ smaller than a tile are zero-padded. Any volume size works.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-
-def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> this process's CUDA device when CUDA is present, else the CPU; else ``torch.device(name)``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
-def add_inference_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The options every script that runs the model shares: ``--overlap`` and ``--device``."""
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window tile overlap (default: 0.5)")
-    parser.add_argument(
-        "--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'... (default: auto)"
-    )
+from data import Case
+from metrics import case_counts, scores, summarise
 
 
 def gaussian_weight(size: Sequence[int], sigma_scale: float = 1 / 8) -> Tensor:
@@ -134,3 +119,40 @@ def predict_mask(model: nn.Module, image: np.ndarray | Tensor, tile: Sequence[in
     """``(M, D, H, W)`` -> ``(D, H, W)`` uint8 lesion mask (argmax of ``sliding_window_probabilities``)."""
     probabilities = sliding_window_probabilities(model, image, tile, **kwargs)
     return probabilities.argmax(0).to(torch.uint8).numpy()
+
+
+def evaluate_cases(
+    model: nn.Module,
+    cases: Sequence[Case],
+    tile: Sequence[int],
+    *,
+    overlap: float = 0.5,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Segment each labelled case whole and score it.
+
+    Args:
+        model: the network (put in eval mode here, left in it).
+        cases: labelled cases.
+        tile: sliding-window tile ``(d, h, w)``, usually the training crop.
+        overlap: tile overlap in [0, 1).
+        device: where the model runs.
+        amp_dtype: CUDA autocast dtype or None.
+
+    Returns:
+        The cohort summary, one row of scores per case (with ``id``), and the ``(D, H, W)`` uint8
+        predictions by case id.
+    """
+    model.eval()
+    counts, rows, predictions = [], [], {}
+    for case in cases:
+        if case.label is None:
+            raise ValueError(f"case {case.id!r} has no lesion mask; evaluation needs labelled cases")
+        mask = predict_mask(model, case.image, tile, overlap=overlap, device=device, amp_dtype=amp_dtype)
+        count = case_counts(mask, case.label, case.spacing)
+        counts.append(count)
+        rows.append({"id": case.id, **scores(count), "predicted_voxels": count.tp + count.fp,
+                     "reference_voxels": count.tp + count.fn})
+        predictions[case.id] = mask
+    return summarise(counts), rows, predictions

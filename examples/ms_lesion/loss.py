@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_LABEL = 255
+from data import IGNORE_LABEL
+
 WEIGHTINGS: tuple[str, ...] = ("swapped", "literal", "none")
 
 
@@ -49,17 +51,22 @@ class WeightedCrossEntropy(nn.Module):
     """Class-weighted cross-entropy over ``(B, 2, D, H, W)`` logits; voxels labelled 255 are ignored.
 
     The reduction is PyTorch's weighted mean: ``sum_i w_{y_i} * ce_i / sum_i w_{y_i}`` over the
-    voxels that are not ignored.
+    voxels that are not ignored. With ``distributed=True`` (several processes under DDP, which averages
+    gradients) both sums run over the voxels of *all* processes: each process returns
+    ``world * its numerator / global denominator``, so the averaged gradient equals that of one process
+    holding the whole batch.
 
     Args:
         r: mean lesion fraction of the training set (``data.mean_lesion_fraction``).
         weighting: ``"swapped"`` (default), ``"literal"`` or ``"none"``; see ``class_weights``.
+        distributed: reduce the denominator over the default process group.
     """
 
-    def __init__(self, r: float, weighting: str = "swapped") -> None:
+    def __init__(self, r: float, weighting: str = "swapped", *, distributed: bool = False) -> None:
         super().__init__()
         self.r = float(r)
         self.weighting = weighting
+        self.distributed = distributed
         self.register_buffer("weight", torch.tensor(class_weights(r, weighting), dtype=torch.float32))
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -69,8 +76,17 @@ class WeightedCrossEntropy(nn.Module):
                 f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match: "
                 "expected logits (B, C, *spatial) and target (B, *spatial)"
             )
+        target = target.long()
         # float32 logits: the softmax of a low-precision autocast output loses the rare lesion class.
-        return F.cross_entropy(logits.float(), target.long(), weight=self.weight, ignore_index=IGNORE_LABEL)
+        per_voxel = F.cross_entropy(logits.float(), target, weight=self.weight, ignore_index=IGNORE_LABEL,
+                                    reduction="none")
+        valid = target != IGNORE_LABEL
+        denominator = self.weight[target.where(valid, 0)].masked_fill(~valid, 0.0).sum()
+        if self.distributed and dist.is_initialized() and dist.get_world_size() > 1:
+            denominator = denominator.detach().clone()
+            dist.all_reduce(denominator)
+            return per_voxel.sum() * dist.get_world_size() / denominator
+        return per_voxel.sum() / denominator
 
     def extra_repr(self) -> str:
         background, lesion = self.weight.tolist()

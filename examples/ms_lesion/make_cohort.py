@@ -4,6 +4,10 @@ Usage::
 
     python examples/ms_lesion/make_cohort.py --out DIR [--subjects 43] [--small | --preset {paper,demo,small}]
                                              [--seed 0] [--anatomy auto|mni152|phantom] [--no-montage]
+                                             [--layout subject-folders|nnunet]
+
+A non-empty ``--out`` that holds no cohort written by this script is refused; regenerating a cohort
+deletes only the files it wrote.
 """
 
 from __future__ import annotations
@@ -12,18 +16,19 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
-from synthetic import ANATOMIES, MONTAGE_NAME, PRESETS, default_cache_dir, make_cohort
+from cli import Parser, command
+from synthetic import ANATOMIES, COHORT_LAYOUTS, MONTAGE_NAME, PRESETS, default_cache_dir, make_cohort
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Generate a synthetic multiple-sclerosis cohort (T1, T2, FLAIR, lesion mask, brain mask "
-        "per subject, NIfTI) in the per-subject folder layout read by data.load_dataset.",
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = Parser(
+        "Generate a synthetic multiple-sclerosis cohort (T1, T2, FLAIR, lesion mask, brain mask "
+        "per subject, NIfTI), in one folder per subject or as an nnU-Net v2 raw dataset.",
     )
     parser.add_argument(
-        "--out", type=Path, default=None,
+        "--out", default=None,
         help=f"output folder (default: {default_cache_dir()}/cohort-<preset>-seed<seed>; "
         "$SLICEATTN_CACHE changes the base)",
     )
@@ -41,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mni152: the ICBM152 2009 template packaged with nilearn; phantom: a procedural head; "
         "auto: mni152 if nilearn is installed (default)",
     )
+    parser.add_argument("--layout", choices=COHORT_LAYOUTS, default="subject-folders",
+                        help="subject-folders: <out>/<id>/{t1,t2,flair,mask,brain_mask}.nii.gz (default); nnunet: "
+                        "an nnU-Net v2 raw dataset, imagesTr/<id>_0000..0002 (FLAIR, T1, T2), labelsTr, dataset.json")
     parser.add_argument("--no-montage", action="store_true", help=f"do not write {MONTAGE_NAME}")
     args = parser.parse_args(argv)
     if args.subjects < 1:
@@ -48,17 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.out or default_cache_dir() / f"cohort-{args.preset}-seed{args.seed}"
     start = time.perf_counter()
-    make_cohort(out, subjects=args.subjects, preset=args.preset, seed=args.seed, anatomy=args.anatomy,
-                montage=not args.no_montage)
+    out = make_cohort(out, subjects=args.subjects, preset=args.preset, seed=args.seed, anatomy=args.anatomy,
+                      montage=not args.no_montage, layout=args.layout)
     record = json.loads((out / "cohort.json").read_text())
     stats = record["stats"].values()
     fraction = sum(s["lesion_fraction"] for s in stats) / len(stats)
     print(f"cohort: {out} ({len(stats)} subjects, preset {args.preset}, anatomy {record['params']['anatomy']}, "
-          f"seed {args.seed}; mean lesion fraction {fraction:.2e}; {time.perf_counter() - start:.1f} s)")
+          f"layout {args.layout}, seed {args.seed}; mean lesion fraction {fraction:.2e}; "
+          f"{time.perf_counter() - start:.1f} s)")
     if not args.no_montage:
         print(f"montage: {out / MONTAGE_NAME}")
     return 0

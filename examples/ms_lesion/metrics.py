@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-IGNORE_LABEL = 255
+from data import IGNORE_LABEL
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 

@@ -15,15 +15,14 @@ Method names: ``unet``, ``rsa-010``, ``rsa-101``, ``rsa-111``, ``ncl-010``, ``nc
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from run import UsageError
 from sliceattn import NonLocal3d, RecurrentSliceAttention3d
 
 METHODS: tuple[str, ...] = ("unet", "rsa-010", "rsa-101", "rsa-111", "ncl-010", "ncl-101", "ncl-111")
@@ -225,35 +224,22 @@ def build_model(method: str, **options: Any) -> UNet3d:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The dict a ``train.py`` checkpoint holds (``model.pt`` or ``checkpoint.pt``).
 
-
-_UMASK = _read_umask()
-
-
-def save_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temporary_path)`` then rename the file to ``path``: readers never see half a file.
-
-    The temporary file sits in the same folder (a rename across file systems is not atomic) and keeps
-    the final name's suffixes (nibabel picks the format from them).
+    Raises:
+        UsageError: the file is missing, truncated, or not written by ``train.py``; the message names it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix="".join(path.suffixes), dir=path.parent)
-    os.close(handle)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
     try:
-        write(Path(name))
-        with open(name, "rb") as written:  # on disk before the rename, so a crash cannot leave an empty file
-            os.fsync(written.fileno())
-        os.chmod(name, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return path
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for damaged files; all mean "unreadable"
+        raise UsageError(f"checkpoint {path} cannot be read (truncated or not a torch file): {exc}") from None
+    if not isinstance(checkpoint, dict) or not {"config", "model", "data"} <= checkpoint.keys():
+        raise UsageError(f"{path} is not a checkpoint written by this train.py (no 'config'/'model'/'data' entries)")
+    return checkpoint
 
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet3d, dict[str, Any]]:
@@ -261,18 +247,33 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
 
     Returns:
         The model in eval mode on ``device`` and the checkpoint's metadata (``config``, ``crop``,
-        ``modalities``, ``r``...).
+        ``data`` (the recorded ``DataOptions``), ``r``, ``options``...).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no 'config'/'model' entries)")
+    checkpoint = read_checkpoint(path)
     model = build_model(**checkpoint["config"])
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        raise UsageError(f"checkpoint {path}: the weights do not fit its own model config: {exc}") from None
     meta = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "scaler", "rng")}
     return model.to(device).eval(), meta
+
+
+def training_memory_bytes(config: dict[str, Any], crop: Sequence[int], batch_size: int) -> int:
+    """A rough lower bound of the activation memory of one training step (float32).
+
+    Each level keeps about 15 feature maps of its width for backward (two conv/norm/ReLU triples in the
+    encoder, the up-sampled map, the concatenation and two triples in the decoder); a non-local block
+    adds its ``N x N`` map three times (logits, softmax, gradient).
+    """
+    filters = config["filters"]
+    voxels = [math.prod(crop) // 8**level for level in range(len(filters))]
+    total = 15 * sum(w * v for w, v in zip(filters, voxels))
+    kind, placement = parse_method(config["method"])
+    if kind == "ncl":
+        sites = [voxels[-1]] * (placement[1] == "1") + [voxels[-2]] * 2 * (placement[0] == "1")
+        total += 3 * sum(n * n for n in sites)
+    return 4 * batch_size * total
 
 
 def set_output_prior(model: UNet3d, lesion_probability: float) -> None:

@@ -21,9 +21,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -602,20 +601,43 @@ def _rasterise(item: Lesion, number: int, axes_mm: Sequence[np.ndarray], offsets
 # ----------------------------------------------------------------------------------------------- cohort
 
 
-def write_case(case: SyntheticCase, folder: Path) -> None:
-    """Write ``{t1,t2,flair,mask,brain_mask}.nii.gz`` in RAS: arrays ``(x, y, z)`` = model ``(W, H, D)``."""
-    folder.mkdir(parents=True, exist_ok=True)
+COHORT_LAYOUTS: tuple[str, ...] = ("subject-folders", "nnunet")
+NNUNET_CHANNELS: tuple[str, ...] = ("flair", "t1", "t2")  # channel order of the nnU-Net layout (_0000 = FLAIR)
+
+
+def cohort_files(out: Path, ids: Sequence[str], layout: str) -> dict[str, dict[str, Path]]:
+    """Subject id -> role -> the file a cohort in ``layout`` holds for it (images, lesion mask, brain mask).
+
+    The nnU-Net raw layout has no place for brain masks: images are ``imagesTr/<id>_<channel>.nii.gz`` in
+    ``NNUNET_CHANNELS`` order, lesion masks ``labelsTr/<id>.nii.gz``.
+    """
+    if layout == "nnunet":
+        return {i: {**{m: out / "imagesTr" / f"{i}_{k:04d}.nii.gz" for k, m in enumerate(NNUNET_CHANNELS)},
+                    "mask": out / "labelsTr" / f"{i}.nii.gz"} for i in ids}
+    return {i: {name: out / i / f"{name}.nii.gz" for name in FILES} for i in ids}
+
+
+def write_case(case: SyntheticCase, files: Mapping[str, Path]) -> None:
+    """Write the roles in ``files`` (role -> path) in RAS: arrays ``(x, y, z)`` = model ``(W, H, D)``."""
     volumes = {**case.images, "mask": case.label, "brain_mask": case.brain_mask}
-    for name in FILES:
+    for name, path in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
         image = nib.Nifti1Image(np.ascontiguousarray(np.transpose(volumes[name], (2, 1, 0))), case.affine)
         image.header.set_xyzt_units("mm")
         image.header.set_qform(case.affine, code=1)
         image.header.set_sform(case.affine, code=1)
-        nib.save(image, folder / f"{name}.nii.gz")
+        nib.save(image, path)
 
 
 def subject_id(index: int) -> str:
     return f"sub-{index + 1:03d}"
+
+
+def _written_by_cohort(out: Path, record: dict) -> list[Path]:
+    """Every file a previous ``make_cohort`` call recorded in ``record`` wrote into ``out``."""
+    layout = record.get("params", {}).get("layout", "subject-folders")
+    files = [p for roles in cohort_files(out, list(record.get("stats", {})), layout).values() for p in roles.values()]
+    return files + [out / MONTAGE_NAME, out / "cohort.json"] + ([out / "dataset.json"] if layout == "nnunet" else [])
 
 
 def make_cohort(
@@ -626,12 +648,16 @@ def make_cohort(
     seed: int = 0,
     anatomy: str = "auto",
     montage: bool = True,
+    layout: str = "subject-folders",
 ) -> Path:
-    """Write a synthetic cohort in the per-subject layout, loadable by ``data.load_dataset(out)``.
+    """Write a synthetic cohort, loadable by ``data.load_dataset(out)``.
 
-    Writes ``<out>/<subject>/{t1,t2,flair,mask,brain_mask}.nii.gz``, ``<out>/cohort.json`` (parameters and
-    per-subject statistics, written last) and, with ``montage``, ``<out>/montage.png``. A complete cohort
-    with the same parameters is not regenerated; a different one in ``out`` is replaced.
+    ``layout="subject-folders"`` writes ``<out>/<subject>/{t1,t2,flair,mask,brain_mask}.nii.gz``;
+    ``layout="nnunet"`` an nnU-Net v2 raw dataset (``imagesTr``, ``labelsTr``, ``dataset.json``; no brain
+    masks). Also ``<out>/cohort.json`` (parameters and per-subject statistics, written last) and, with
+    ``montage``, ``<out>/montage.png``. A complete cohort with the same parameters is not regenerated. A
+    cohort with other parameters in ``out`` is replaced: only the files it recorded are deleted. Any other
+    non-empty ``out`` is refused.
 
     Args:
         out: output folder.
@@ -640,39 +666,58 @@ def make_cohort(
         seed: random seed; same seed, same cohort.
         anatomy: ``"auto"``, ``"mni152"`` or ``"phantom"``.
         montage: also write the PNG montage of the first subject.
+        layout: ``"subject-folders"`` or ``"nnunet"``.
 
     Returns:
         ``out`` as a Path.
+
+    Raises:
+        DataError: ``out`` is not empty and holds no cohort written by this function.
     """
+    from data import DataError  # sibling module of this example folder
+
     if isinstance(subjects, bool) or not isinstance(subjects, (int, np.integer)) or subjects < 1:
         raise ValueError(f"subjects must be a positive int, got {subjects!r}")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if layout not in COHORT_LAYOUTS:
+        raise ValueError(f"layout must be one of {COHORT_LAYOUTS}, got {layout!r}")
     out = Path(out)
     params = {"version": GENERATOR_VERSION, "preset": preset, "seed": int(seed),
-              "anatomy": resolve_anatomy(anatomy), "subjects": subjects}
+              "anatomy": resolve_anatomy(anatomy), "subjects": subjects, "layout": layout}
     record = out / "cohort.json"
     ids = [subject_id(i) for i in range(subjects)]
+    files = cohort_files(out, ids, layout)
     previous = _read_record(record)
-    complete = all((out / s / f"{name}.nii.gz").is_file() for s in ids for name in FILES)
+    if previous is None and out.is_dir() and any(out.iterdir()):
+        raise DataError(f"{out} is not empty and holds no cohort.json written by make_cohort; refusing to write "
+                        "into it (choose a new or empty folder)")
+    complete = all(p.is_file() for roles in files.values() for p in roles.values())
     if previous is not None and previous.get("params") == params and complete:
         if montage and not (out / MONTAGE_NAME).is_file():
-            _montage_of(out / ids[0], out / MONTAGE_NAME)
+            _montage_of(files[ids[0]], out / MONTAGE_NAME)
         return out
     if previous is not None:
-        record.unlink()
-        for old in previous.get("stats", {}):
-            if old.startswith("sub-") and (out / old).is_dir():
-                shutil.rmtree(out / old)
+        for path in _written_by_cohort(out, previous):
+            path.unlink(missing_ok=True)
+        for folder in sorted({p.parent for p in _written_by_cohort(out, previous)} - {out}):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     out.mkdir(parents=True, exist_ok=True)
     stats = {}
     for index, sid in enumerate(ids):
         start = time.perf_counter()
         case = generate_case(index, preset=preset, seed=seed, anatomy=params["anatomy"])
-        write_case(case, out / sid)
+        write_case(case, files[sid])
         stats[sid] = case_stats(case) | {"seconds": round(time.perf_counter() - start, 2)}
+    if layout == "nnunet":
+        (out / "dataset.json").write_text(json.dumps({
+            "name": f"synthetic MS cohort ({preset}, seed {seed})",
+            "channel_names": {str(k): m.upper() for k, m in enumerate(NNUNET_CHANNELS)},
+            "labels": {"background": 0, "lesion": 1}, "numTraining": subjects, "file_ending": ".nii.gz",
+        }, indent=1))
     if montage:
-        _montage_of(out / ids[0], out / MONTAGE_NAME)
+        _montage_of(files[ids[0]], out / MONTAGE_NAME)
     record.write_text(json.dumps({"params": params, "preset": asdict(PRESETS[preset]), "stats": stats}, indent=1))
     return out
 
@@ -698,12 +743,12 @@ def case_stats(case: SyntheticCase) -> dict:
     }
 
 
-def _montage_of(folder: Path, path: Path) -> None:
+def _montage_of(files: Mapping[str, Path], path: Path) -> None:
     from data import CasePaths, load_case  # sibling module of this example folder
 
-    files = {name: folder / f"{name}.nii.gz" for name in FILES}
-    paths = CasePaths(folder.name, {m: files[m] for m in ("t1", "t2", "flair")}, files["mask"], files["brain_mask"])
-    save_montage(load_case(paths), path)
+    paths = CasePaths(files["flair"].parent.name, {m: files[m] for m in ("t1", "t2", "flair")}, files["mask"],
+                      files.get("brain_mask"))
+    save_montage(load_case(paths, normalisation="brain-mask" if paths.brain_mask else "foreground"), path)
 
 
 def save_montage(case: Case, path: str | Path, *, slices: int = 4, dpi: int = 110) -> Path:

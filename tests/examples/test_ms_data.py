@@ -102,7 +102,7 @@ def test_subject_folder_default_patterns_cover_public_datasets(tmp_path):
 
 def test_subject_folder_ambiguous_and_missing_files(tmp_path):
     touch(tmp_path / "s1", "t1.nii.gz", "t2.nii.gz", "flair.nii.gz", "raw/flair.nii.gz", "gt.nii.gz")
-    with pytest.raises(DataError, match=r"flair pattern .* matches several files .*raw/flair.nii.gz"):
+    with pytest.raises(DataError, match=r"2 files could be the flair image .*raw/flair.nii.gz.*--pattern 'flair=raw/"):
         find_cases(tmp_path)
     # A pattern with "/" matches the path inside the subject folder.
     (case,) = find_cases(tmp_path, patterns={"flair": "raw/*flair*"})
@@ -136,8 +136,10 @@ def test_find_cases_argument_errors(tmp_path):
         find_cases(tmp_path)
     with pytest.raises(ValueError, match="layout must be one of"):
         find_cases(tmp_path, layout="bids")
-    with pytest.raises(ValueError, match=r"modalities \['pd'\] have no file pattern"):
+    with pytest.raises(ValueError, match=r"modalities \['pd'\] have no built-in rule.*--pattern pd=GLOB"):
         find_cases(tmp_path, modalities=("t1", "pd"))
+    with pytest.raises(ValueError, match="--pattern role 'lesions' is neither a modality"):
+        find_cases(tmp_path, patterns={"lesions": "*x*"})
 
 
 def write_nnunet(root: Path, channels: dict[str, str], key: str = "channel_names") -> None:

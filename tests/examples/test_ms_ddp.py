@@ -15,10 +15,11 @@ TRAIN = Path(__file__).resolve().parents[2] / "examples" / "ms_lesion" / "train.
 
 def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     cohort = make_cohort(tmp_path / "cohort", subjects=2, preset="small", seed=0, montage=False)
-    # Plain cross-entropy: the mean over 2 equal shares of the batch is then the mean over the whole
-    # batch, so DDP's gradient average equals the single-process gradient (up to rounding).
+    # The default weighted loss: its weighted mean's denominator is summed over both processes, so
+    # DDP's gradient average equals the single-process gradient (up to rounding). Dividing by each
+    # process's own weight sum instead moved the weights by 6e-3 after 6 steps.
     args = ["--data", str(cohort), "--method", "rsa-010", "--filters", "tiny", "--crop", "16", "32", "32",
-            "--batch-size", "2", "--iterations", "2", "--test-fraction", "0", "--loss-weights", "none",
+            "--batch-size", "2", "--iterations", "6", "--test-fraction", "0", "--lesion-crop-fraction", "0.5",
             "--val-every", "0", "--no-progress", "--device", "cpu"]
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TRAIN),
@@ -32,12 +33,13 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     a = torch.load(tmp_path / "ddp" / "model.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "single" / "model.pt", weights_only=False)["model"]
     moved = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
-    assert moved["iteration"] == 2
+    assert moved["iteration"] == 6
     for name, value in a.items():
         torch.testing.assert_close(value, b[name], rtol=0, atol=1e-4, msg=name)
 
 
-def test_batch_must_split_evenly(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batch_must_split_evenly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="must be divisible by the 2 processes"):
-        train.main(["--data", "unused", "--batch-size", "3"])
+    assert train.main(["--data", str(tmp_path), "--batch-size", "3", "--out", str(tmp_path / "run")]) == 2
+    assert "error: --batch-size 3 must be divisible by the 2 processes" in capsys.readouterr().err

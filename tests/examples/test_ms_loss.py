@@ -14,7 +14,7 @@ def test_literal_weights_are_the_printed_formula() -> None:
     background, lesion = class_weights(r, "literal")
     assert lesion == pytest.approx(math.exp(r) / (math.exp(r) + math.exp(1 - r)))
     assert background == pytest.approx(math.exp(1 - r) / (math.exp(r) + math.exp(1 - r)))
-    # The caution of DESIGN.md: taken literally, lesions get the smaller weight (about 0.27).
+    # Taken literally, the printed formula gives lesions the smaller weight (about 0.27).
     assert lesion == pytest.approx(0.2690, abs=1e-3)
 
 

@@ -12,6 +12,7 @@ import evaluate
 import predict
 import train
 from model import METHODS, build_model, load_trained
+from run import UsageError
 from sliceattn import NonLocal3d, RecurrentSliceAttention3d
 from synthetic import make_cohort
 
@@ -118,7 +119,7 @@ def test_predict_writes_masks_in_the_original_geometry(rsa_run: Path, cohort: Pa
     subjects = tmp_path / "subjects"
     for source in sorted(cohort.glob("sub-00[123]")):
         (subjects / source.name).mkdir(parents=True)
-        for name in ("t1", "t2", "flair"):
+        for name in ("t1", "t2", "flair", "brain_mask"):  # the model z-scores inside brain masks
             (subjects / source.name / f"{name}.nii.gz").write_bytes((source / f"{name}.nii.gz").read_bytes())
     (subjects / "sub-002" / "flair.nii.gz").write_bytes(b"not a nifti")  # a broken file
     (subjects / "sub-003" / "t2.nii.gz").unlink()  # a missing modality
@@ -155,8 +156,12 @@ def test_experiment_table_has_table1_columns_and_mean_std() -> None:
 def test_experiment_splits_are_saved_and_reused(cohort: Path, tmp_path: Path) -> None:
     import experiment
 
-    first = experiment.make_splits(str(cohort), 2, 0.5, tmp_path)
+    ids = [f"sub-00{i}" for i in range(1, 5)]
+    first = experiment.make_splits(ids, 2, 0.5, tmp_path)
     split = json.loads(first[0].read_text())
     assert len(split["train"]) == 2 and sorted(split["train"] + split["test"]) == [f"sub-00{i}" for i in range(1, 5)]
-    first[1].write_text(json.dumps({"train": ["x"], "test": ["y"]}))
-    assert json.loads(experiment.make_splits(str(cohort), 2, 0.5, tmp_path)[1].read_text())["train"] == ["x"]
+    first[1].write_text(json.dumps({"train": ["sub-004"], "test": ["sub-001"]}))
+    assert json.loads(experiment.make_splits(ids, 2, 0.5, tmp_path)[1].read_text())["train"] == ["sub-004"]
+    first[1].write_text(json.dumps({"train": ["x"], "test": ["y"]}))  # a split of other data is refused
+    with pytest.raises(UsageError, match=r"ids \['x', 'y'\] are not in the data"):
+        experiment.make_splits(ids, 2, 0.5, tmp_path)

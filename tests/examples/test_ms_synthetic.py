@@ -110,7 +110,8 @@ def test_make_cohort_writes_loads_caches_and_montage(tmp_path, capsys):
     assert f"cohort: {out}" in printed and f"montage: {out / 'montage.png'}" in printed
     assert (out / "montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((out / "cohort.json").read_text())
-    assert record["params"] == {"version": 1, "preset": "small", "seed": 3, "anatomy": "phantom", "subjects": 2}
+    assert record["params"] == {"version": 1, "preset": "small", "seed": 3, "anatomy": "phantom", "subjects": 2,
+                                "layout": "subject-folders"}
     assert set(record["stats"]) == {"sub-001", "sub-002"}
 
     # The loader reads it like real data; the written files match the in-memory generator.
@@ -125,10 +126,37 @@ def test_make_cohort_writes_loads_caches_and_montage(tmp_path, capsys):
     stamp = (out / "sub-001" / "flair.nii.gz").stat().st_mtime_ns
     make_cohort(out, subjects=2, preset="small", seed=3, anatomy="phantom")
     assert (out / "sub-001" / "flair.nii.gz").stat().st_mtime_ns == stamp
-    # Different parameters: the old cohort is replaced (no leftover subject).
+    # Different parameters: the old cohort is replaced (no leftover subject), a user's file is kept.
+    (out / "sub-002" / "notes.txt").write_text("mine")
     make_cohort(out, subjects=1, preset="small", seed=4, anatomy="phantom", montage=False)
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sub-001"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sub-001", "sub-002"]
+    assert [p.name for p in (out / "sub-002").iterdir()] == ["notes.txt"]
     assert json.loads((out / "cohort.json").read_text())["params"]["seed"] == 4
+
+
+def test_make_cohort_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "scans" / "patient01").mkdir(parents=True)
+    (tmp_path / "scans" / "patient01" / "flair.nii.gz").write_bytes(b"a user's scan")
+    assert cli.main(["--out", str(tmp_path / "scans"), "--small", "--subjects", "1", "--anatomy", "phantom"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "holds no cohort.json written by make_cohort" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (tmp_path / "scans" / "patient01" / "flair.nii.gz").read_bytes() == b"a user's scan"
+    assert sorted(p.name for p in (tmp_path / "scans").iterdir()) == ["patient01"]
+
+
+def test_make_cohort_nnunet_layout_is_read_back_as_nnunet(tmp_path):
+    out = make_cohort(tmp_path / "Dataset501_SynthMS", subjects=2, preset="small", seed=0, anatomy="phantom",
+                      montage=False, layout="nnunet")
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "FLAIR", "1": "T1", "2": "T2"} and meta["numTraining"] == 2
+    assert sorted(p.name for p in (out / "imagesTr").iterdir())[:3] == [
+        "sub-001_0000.nii.gz", "sub-001_0001.nii.gz", "sub-001_0002.nii.gz"]
+    cases = load_dataset(out)  # auto layout: nnU-Net
+    expected = load_dataset(make_cohort(tmp_path / "folders", subjects=2, preset="small", seed=0, anatomy="phantom",
+                                        montage=False), normalisation="foreground")
+    np.testing.assert_array_equal(cases[1].label, expected[1].label)
+    np.testing.assert_allclose(cases[1].image, expected[1].image)
 
 
 def test_argument_errors(tmp_path):
@@ -136,6 +164,8 @@ def test_argument_errors(tmp_path):
         generate_case(0, preset="huge")
     with pytest.raises(ValueError, match="anatomy must be one of"):
         make_cohort(tmp_path, subjects=1, preset="small", anatomy="colin27")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        make_cohort(tmp_path, subjects=1, preset="small", layout="bids")
     with pytest.raises(ValueError, match="subjects must be a positive int, got 0"):
         make_cohort(tmp_path, subjects=0)
     with pytest.raises(SystemExit):

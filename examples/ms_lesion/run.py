@@ -1,0 +1,160 @@
+"""The files of a run: atomic writes, CSV/JSON, splits, and the recorded options a run is compared by.
+
+Everything a script writes goes through ``save_atomically`` (a temporary file in the same folder,
+fsync, rename), so a kill never leaves half a file. A run folder holds only the files in
+``RUN_FILES`` (and ``predictions/<id>.npz``); ``--overwrite`` removes exactly those, nothing else.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "model.pt", "log.csv", "split.json", "metrics.json", "cases.csv",
+                              "figure.png")
+PREDICTIONS = "predictions"
+
+
+class UsageError(ValueError):
+    """A user mistake on the command line; the scripts print it as one ``error:`` line and exit 2."""
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def save_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(temporary_path)`` then rename the file to ``path``: readers never see half a file.
+
+    The temporary file sits in the same folder (a rename across file systems is not atomic) and keeps
+    the final name's suffixes (nibabel picks the format from them).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix="".join(path.suffixes), dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(name))
+        with open(name, "rb") as written:  # on disk before the rename, so a crash cannot leave an empty file
+            os.fsync(written.fileno())
+        os.chmod(name, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the usual permissions
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write dict rows (same keys) as CSV, atomically."""
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
+            writer.writeheader()
+            writer.writerows(rows)
+    return save_atomically(path, write)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats as ``None`` and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented, strictly valid JSON (NaN becomes null), atomically."""
+    text = json.dumps(json_safe(obj), indent=1, allow_nan=False)
+    return save_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+def random_split(ids: Sequence[str], test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Seeded random split of subject ids into train and test (at least one training subject)."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise UsageError(f"--test-fraction must be in [0, 1), got {test_fraction!r}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_test = min(len(ids) - 1, round(test_fraction * len(ids)))
+    test = sorted(ids[i] for i in order[:n_test])
+    return {"train": sorted(ids[i] for i in order[n_test:]), "test": test}
+
+
+def read_split(path: str | Path) -> dict[str, list[str]]:
+    """A split file ``{"train": [ids], "test": [ids]}``; a missing or malformed file is a ``UsageError``."""
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"split file {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read split file {path}: {exc}") from exc
+    if (not isinstance(split, dict) or not {"train", "test"} <= split.keys()
+            or not all(isinstance(split[k], list) for k in ("train", "test"))):
+        raise UsageError(f"split file {path} must hold a JSON object with 'train' and 'test' id lists")
+    return {"train": [str(i) for i in split["train"]], "test": [str(i) for i in split["test"]]}
+
+
+def check_split(split: Mapping[str, Sequence[str]], ids: Iterable[str], source: str) -> None:
+    """Refuse a split with an id in both parts, an id twice, an id not in the data, or no training id."""
+    ids = set(ids)
+    train, test = list(split["train"]), list(split["test"])
+    both = sorted(set(train) & set(test))
+    if both:
+        raise UsageError(f"split {source}: ids {both} are in both 'train' and 'test'")
+    twice = sorted({i for i in train + test if (train + test).count(i) > 1})
+    if twice:
+        raise UsageError(f"split {source}: ids {twice} are listed twice")
+    unknown = sorted(set(train + test) - ids)
+    if unknown:
+        raise UsageError(f"split {source}: ids {unknown} are not in the data (it has {sorted(ids)})")
+    if not train:
+        raise UsageError(f"split {source}: 'train' is empty")
+
+
+# --------------------------------------------------------------------------------------------- run folder
+
+
+def run_files(out: Path) -> list[Path]:
+    """The files a run wrote in ``out`` (``RUN_FILES`` and ``predictions/*.npz``) that exist."""
+    found = [out / name for name in RUN_FILES if (out / name).is_file()]
+    return found + sorted((out / PREDICTIONS).glob("*.npz"))
+
+
+def remove_run(out: Path) -> None:
+    """Delete the files a run writes (and an emptied ``predictions/``); anything else in ``out`` stays."""
+    for path in run_files(out):
+        path.unlink()
+    predictions = out / PREDICTIONS
+    if predictions.is_dir() and not any(predictions.iterdir()):
+        predictions.rmdir()
+
+
+def differences(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+    """``--name: recorded X, now Y`` for every key whose value differs (keys missing on one side count)."""
+    lines = []
+    for key in sorted(set(recorded) | set(requested)):
+        before, now = recorded.get(key, "<unset>"), requested.get(key, "<unset>")
+        if json_safe(before) != json_safe(now):
+            lines.append(f"--{key.replace('_', '-')}: recorded {before!r}, now {now!r}")
+    return lines
