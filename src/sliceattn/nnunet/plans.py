@@ -1,0 +1,219 @@
+"""nnU-Net v2 plans files: add a configuration whose network has slice-wise attention.
+
+nnU-Net builds a configuration's network from ``configurations[name].architecture``:
+``network_class_name`` (a dotted path it imports with ``pydoc.locate``) and ``arch_kwargs``.
+A new configuration that ``inherits_from`` the base one keeps the base's preprocessed data,
+patch size and batch size; it carries a whole ``architecture`` dict of its own, because nnU-Net
+merges inherited configurations shallowly (a partial ``architecture`` would drop the base's
+``arch_kwargs``).
+
+Nothing here imports nnU-Net: editing a plans file needs only the JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+from torch import nn
+
+from .. import NonLocal3d, RecurrentSliceAttention3d
+
+__all__ = [
+    "ATTENTIONS",
+    "ATTENTION_NETWORKS",
+    "PlansError",
+    "add_attention_configuration",
+    "build_attention",
+    "resolve_configuration",
+    "resolve_stages",
+    "write_json_atomic",
+]
+
+#: Block kinds by their ``attention=`` name.
+ATTENTIONS: dict[str, type[nn.Module]] = {"rsa": RecurrentSliceAttention3d, "nonlocal": NonLocal3d}
+
+#: Plain nnU-Net network class (last dotted part) -> the dotted path of its attention subclass.
+ATTENTION_NETWORKS: dict[str, str] = {
+    "PlainConvUNet": "sliceattn.nnunet.AttentionPlainConvUNet",
+    "ResidualEncoderUNet": "sliceattn.nnunet.AttentionResidualEncoderUNet",
+}
+
+
+class PlansError(ValueError):
+    """A plans file or a requested configuration that cannot be used (a user mistake)."""
+
+
+def build_attention(attention: str, channels: int, attention_kwargs: Optional[Mapping[str, Any]] = None, **factory: Any) -> nn.Module:
+    """One attention block for a ``(B, channels, D, H, W)`` feature map.
+
+    Args:
+        attention: ``"rsa"`` (:class:`~sliceattn.RecurrentSliceAttention3d`) or ``"nonlocal"``
+            (:class:`~sliceattn.NonLocal3d`).
+        channels: ``C`` of the feature map.
+        attention_kwargs: keyword arguments of the block (axes as dim indices 2/3/4: nnU-Net
+            transposes the image axes, so the library's axis names need not hold).
+        **factory: ``device=``/``dtype=``.
+
+    Raises:
+        ValueError: unknown ``attention``, or a bad option value (the block's own message).
+        TypeError: ``attention_kwargs`` not a mapping, or an option the block does not take.
+    """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {sorted(ATTENTIONS)}, got {attention!r}")
+    attention_kwargs = {} if attention_kwargs is None else attention_kwargs
+    if not isinstance(attention_kwargs, Mapping):
+        raise TypeError(f"attention_kwargs must be a mapping of block options, got {type(attention_kwargs).__name__}")
+    try:
+        return ATTENTIONS[attention](channels, **attention_kwargs, **factory)
+    except TypeError as error:
+        raise TypeError(f"attention_kwargs={dict(attention_kwargs)!r} for attention={attention!r}: {error}") from error
+
+
+def resolve_stages(stages: Union[int, Sequence[int]], n_stages: int) -> tuple[int, ...]:
+    """Encoder stage indices (negative count from the end, ``-1`` = bottleneck) -> sorted indices in ``[0, n_stages)``.
+
+    Raises:
+        TypeError: ``stages`` is not an int or a non-empty sequence.
+        ValueError: an index out of range, or the same stage twice.
+    """
+    if isinstance(stages, (int, np.integer)) and not isinstance(stages, bool):
+        stages = (int(stages),)
+    if isinstance(stages, str) or not isinstance(stages, Sequence) or len(stages) == 0:
+        raise TypeError(f"attention_stages must be a non-empty sequence of encoder stage indices, got {stages!r}")
+    resolved = []
+    for stage in stages:
+        if isinstance(stage, bool) or not isinstance(stage, (int, np.integer)) or not -n_stages <= stage < n_stages:
+            raise ValueError(
+                f"attention_stages must hold encoder stage indices in [{-n_stages}, {n_stages - 1}] "
+                f"(-1 = bottleneck) for a {n_stages}-stage encoder, got {stage!r} in {tuple(stages)!r}"
+            )
+        resolved.append(int(stage) % n_stages)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"attention_stages must name distinct stages, got {tuple(stages)!r} (= {tuple(resolved)})")
+    return tuple(sorted(resolved))
+
+
+def resolve_configuration(plans: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A configuration with its ``inherits_from`` chain merged in, as nnU-Net's ``PlansManager`` does.
+
+    Raises:
+        PlansError: no such configuration, or an inheritance cycle.
+    """
+    configurations = plans.get("configurations")
+    if not isinstance(configurations, Mapping):
+        raise PlansError("not an nnU-Net plans file: no 'configurations' entry")
+    chain: list[str] = []
+    while True:
+        if name not in configurations:
+            raise PlansError(f"configuration {name!r} is not in the plans file (it has {sorted(configurations)})")
+        if name in chain:
+            raise PlansError(f"configurations inherit in a cycle: {' -> '.join(chain + [name])}")
+        chain.append(name)
+        parent = configurations[name].get("inherits_from")
+        if parent is None:
+            break
+        name = parent
+    merged: dict[str, Any] = {}
+    for link in reversed(chain):
+        merged.update(copy.deepcopy(configurations[link]))
+    return merged
+
+
+def add_attention_configuration(
+    plans: Mapping[str, Any],
+    name: str,
+    base: str,
+    *,
+    attention: str = "rsa",
+    stages: Union[int, Sequence[int]] = (-1,),
+    attention_kwargs: Optional[Mapping[str, Any]] = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """A copy of ``plans`` with configuration ``name``: ``base`` plus attention after ``stages``.
+
+    The new configuration inherits from ``base`` (same preprocessed data, patch and batch size)
+    and holds the base's whole ``architecture`` with the network class swapped for its attention
+    subclass and ``attention``/``attention_stages``/``attention_kwargs`` added to ``arch_kwargs``.
+
+    Args:
+        plans: the parsed plans JSON (not modified).
+        name: the new configuration's name, e.g. ``"3d_fullres_rsa"``.
+        base: a 3-D configuration whose network is ``PlainConvUNet`` or ``ResidualEncoderUNet``.
+        attention, stages, attention_kwargs: the networks' ``attention``, ``attention_stages``
+            and ``attention_kwargs`` (checked here by building the blocks on the meta device).
+        force: replace an existing configuration called ``name``.
+
+    Raises:
+        PlansError: unknown or unsuitable base, existing name without ``force``, bad attention options.
+    """
+    configurations = plans.get("configurations")
+    if not isinstance(configurations, Mapping):
+        raise PlansError("not an nnU-Net plans file: no 'configurations' entry")
+    if not name or name == base:
+        raise PlansError(f"the new configuration needs a name other than the base's, got name={name!r}")
+    if name in configurations and not force:
+        raise PlansError(f"configuration {name!r} already exists in the plans file; pass --force to replace it")
+    architecture = resolve_configuration(plans, base).get("architecture")
+    if not isinstance(architecture, Mapping) or "network_class_name" not in architecture:
+        raise PlansError(f"configuration {base!r} has no 'architecture' with a 'network_class_name' (nnU-Net < 2.5 plans?)")
+    class_name = str(architecture["network_class_name"]).rsplit(".", 1)[-1]
+    if class_name not in ATTENTION_NETWORKS:
+        raise PlansError(
+            f"configuration {base!r} uses network {architecture['network_class_name']!r}; "
+            f"attention can be added to {sorted(ATTENTION_NETWORKS)}"
+        )
+    arch_kwargs = dict(architecture.get("arch_kwargs", {}))
+    conv_op = str(arch_kwargs.get("conv_op", ""))
+    if not conv_op.endswith("Conv3d"):
+        raise PlansError(f"configuration {base!r} is not 3-D (conv_op {conv_op!r}); slice attention needs a 3-D configuration")
+    features = arch_kwargs.get("features_per_stage")
+    n_stages = int(arch_kwargs.get("n_stages", len(features) if isinstance(features, Sequence) else 0))
+    if isinstance(features, int):
+        features = [features] * n_stages
+    try:
+        resolved = resolve_stages(stages, n_stages)
+        for stage in resolved:
+            build_attention(attention, int(features[stage]), attention_kwargs, device="meta")
+    except (TypeError, ValueError) as error:
+        raise PlansError(str(error)) from error
+    arch_kwargs.update(
+        attention=attention,
+        attention_stages=[int(s) for s in ([stages] if isinstance(stages, int) else stages)],
+        attention_kwargs=dict(attention_kwargs or {}),
+    )
+    new_plans = copy.deepcopy(dict(plans))
+    new_plans["configurations"][name] = {
+        "inherits_from": base,
+        "architecture": {
+            **copy.deepcopy(dict(architecture)),
+            "network_class_name": ATTENTION_NETWORKS[class_name],
+            "arch_kwargs": arch_kwargs,
+        },
+    }
+    return new_plans
+
+
+def write_json_atomic(path: Union[str, Path], data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=4, sort_keys=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
