@@ -38,6 +38,8 @@ CROPS: dict[str, tuple[int, int, int]] = {
     "160x160x48": (48, 160, 160),
     "256x320x48": (48, 256, 320),
 }
+#: the paper's claims for the attention maps, non-local / RSA: at least this much less memory and FLOPs
+MEMORY_CLAIM, FLOP_CLAIM = 28, 100
 #: U-Net level name -> (channels, downsampling factor)
 LEVELS: dict[str, tuple[int, int]] = {"bottom": (512, 16), "second": (256, 8), "quarter": (128, 4), "full": (32, 1)}
 
@@ -75,6 +77,11 @@ def large_sizes() -> list[Size]:
     return [Size("256x320x48", level, 1) for level in levels]
 
 
+def recomputed(forward_backward: cost.Cost) -> cost.Cost:
+    """The cost of a checkpointed block: its backward runs the forward once more."""
+    return cost.Cost(forward_backward.forward, forward_backward.backward + forward_backward.forward, forward_backward.map_bytes)
+
+
 @dataclass(frozen=True)
 class Block:
     """A benchmarked block: how to build it and its analytic cost.
@@ -97,7 +104,9 @@ BLOCKS: dict[str, Block] = {
     "sa": Block(lambda c: SliceAttention3d(c, "coronal"), lambda s: cost.slice_attention3d_cost(s, 3), "naive-sa"),
     "naive-rsa": Block(NaiveRSABlock, lambda s: cost.rsa_cost(s), None),
     "rsa": Block(RecurrentSliceAttention3d, lambda s: cost.rsa_cost(s), "naive-rsa"),
-    "rsa-checkpoint": Block(lambda c: RecurrentSliceAttention3d(c, checkpoint=True), lambda s: cost.rsa_cost(s), "naive-rsa"),
+    "rsa-checkpoint": Block(
+        lambda c: RecurrentSliceAttention3d(c, checkpoint=True), lambda s: recomputed(cost.rsa_cost(s)), "naive-rsa"
+    ),
     # lean options, departures from the paper: compared with the non-local block
     "rsa-noproj": Block(
         lambda c: RecurrentSliceAttention3d(c, projection=False),

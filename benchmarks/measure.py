@@ -15,6 +15,7 @@ interface that may change with any torch release.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Union
@@ -135,3 +136,36 @@ def measure_block(module: torch.nn.Module, x: Tensor) -> Measured:
         inference = peak_memory(lambda: module(x), x.device)
     saved = saved_bytes(lambda: module(x), exclude=params)
     return Measured(forward, backward, train, inference, saved)
+
+
+def cuda_time(fn: Callable[[], object], rounds: int, device: Union[str, torch.device] = "cuda") -> float:
+    """Minimum seconds of ``fn()`` over ``rounds`` calls, timed by CUDA events on ``device``'s stream.
+
+    One untimed call first (kernel selection, allocator warm-up). Events time the GPU work
+    between them, not the Python that enqueues it, as long as ``fn`` does not synchronise.
+    """
+    device = torch.device(device)
+    fn()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return min(times)
+
+
+def peak_bandwidth(device: Union[str, torch.device] = "cuda") -> float:
+    """The device's peak memory bandwidth in bytes/s: ``SLICEATTN_PEAK_GBPS`` if set, else from its properties.
+
+    Double data rate: ``2 * memory clock * bus width``, the figure vendors quote (3.35 TB/s for
+    an H100 SXM).
+    """
+    override = os.environ.get("SLICEATTN_PEAK_GBPS")
+    if override:
+        return float(override) * 1e9
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8
