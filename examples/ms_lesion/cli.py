@@ -97,8 +97,12 @@ def data_options(args: argparse.Namespace, recorded: DataOptions | None = None) 
     )
 
 
-def list_cases(root: str | Path, options: DataOptions, *, require_mask: bool) -> None:
-    """Print ``describe`` for every subject of ``root`` (and one ``error:`` line for each unusable one)."""
+def list_cases(root: str | Path, options: DataOptions, *, require_mask: bool) -> int:
+    """Print ``describe`` for every subject of ``root`` and one ``error:`` line for each unusable one.
+
+    Returns:
+        The exit status: 0, or 1 when a subject cannot be used.
+    """
     errors: dict[str, DataError] = {}
     found = options.find(root, require_mask=require_mask, errors=errors)
     options = dataclasses.replace(options, normalisation=resolve_normalisation(options.normalisation, found))
@@ -109,6 +113,7 @@ def list_cases(root: str | Path, options: DataOptions, *, require_mask: bool) ->
             errors[paths.id] = exc
     for case_id, error in errors.items():
         print(f"error: subject {case_id}: {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def _overlap(text: str) -> float:

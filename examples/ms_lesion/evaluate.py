@@ -49,8 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, meta = load_trained(args.checkpoint, device)
     options = data_options(args, DataOptions.from_record(meta["data"]))
     if args.list:
-        list_cases(args.data, options, require_mask=True)
-        return 0
+        return list_cases(args.data, options, require_mask=True)
     found = options.find(args.data)
     if args.split:
         split = read_split(args.split)

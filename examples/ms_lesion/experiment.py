@@ -159,8 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_cohort(data, subjects=args.subjects, preset=args.cohort_preset, seed=0, montage=False)
     options = data_options(args)
     if args.list:
-        list_cases(data, options, require_mask=True)
-        return 0
+        return list_cases(data, options, require_mask=True)
     splits = make_splits([p.id for p in options.find(data)], args.splits, args.train_fraction, out)
     train_args = [*data_flags(args), *args.train_args]
     results: dict[str, list[dict[str, Any]]] = {}

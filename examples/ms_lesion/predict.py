@@ -73,8 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, meta = load_trained(args.checkpoint, device)
     options = data_options(args, DataOptions.from_record(meta["data"]))
     if args.list:
-        list_cases(args.data, options, require_mask=False)
-        return 0
+        return list_cases(args.data, options, require_mask=False)
     errors: dict[str, DataError] = {}
     subjects = options.find(args.data, require_mask=False, errors=errors)
     out = Path(args.out)

@@ -129,8 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         if args.data is None:
             raise UsageError("--list needs --data")
-        list_cases(args.data, data_options(args), require_mask=True)
-        return 0
+        return list_cases(args.data, data_options(args), require_mask=True)
     run_training(args)
     return 0
 

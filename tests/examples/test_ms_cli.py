@@ -1,0 +1,368 @@
+"""The example as a tool for real scans: names as data sets write them, options on the command line and
+recorded by the run, nothing overwritten, one ``error:`` line per user mistake."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import experiment
+import make_cohort as make_cohort_cli
+import predict
+import train
+from data import default_roles, find_cases
+from synthetic import make_cohort
+
+EXAMPLE = Path(train.__file__).resolve().parent
+TINY = ["--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2", "--no-progress", "--val-every", "0",
+        "--lesion-crop-fraction", "0.5"]
+# A real-world naming of the synthetic cohort's files (t1, t2, flair, mask, brain_mask), one per subject.
+NAMINGS = [
+    {"t1": "sub-01_space-FLAIR_T1w", "t2": "sub-01_T2w", "flair": "sub-01_FLAIR",
+     "mask": "sub-01_space-FLAIR_label-lesion_mask", "brain_mask": "sub-01_desc-brain_mask"},
+    {"t1": "T1_reg2FLAIR", "t2": "T2_in_FLAIR_space", "flair": "FLAIR_brain_n4", "mask": "consensus_reg2FLAIR",
+     "brain_mask": "brainmask"},
+    {"t1": "patient03_T1W", "t2": "patient03_T2W", "flair": "patient03_FLAIR", "mask": "patient03_lesions",
+     "brain_mask": "brain_mask"},
+    {"t1": "P4_T1_T1", "t2": "P4_T1_T2", "flair": "P4_T1_FLAIR", "mask": "P4_T1_MASK", "brain_mask": "P4_brainmask"},
+]
+
+
+def one_error_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_cohort(tmp_path_factory.mktemp("cohort"), subjects=4, preset="small", seed=0, montage=False)
+
+
+@pytest.fixture(scope="module")
+def renamed(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cohort with each subject's files named as another data set names them."""
+    root = tmp_path_factory.mktemp("renamed")
+    for naming, source in zip(NAMINGS, sorted(cohort.glob("sub-*"))):
+        (root / source.name).mkdir()
+        for role, name in naming.items():
+            shutil.copy(source / f"{role}.nii.gz", root / source.name / f"{name}.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def foreground_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "fg"
+    assert train.main(["--data", str(cohort), "--iterations", "3", "--test-fraction", "0.5", "--normalisation",
+                       "foreground", "--label2", "ignore", "--out", str(out), *TINY]) == 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize(("name", "roles"), [
+    ("sub-01_FLAIR.nii.gz", {"flair"}), ("sub-01_space-FLAIR_T1w.nii.gz", {"t1"}), ("sub-01_T2w.nii", {"t2"}),
+    ("sub-01_space-FLAIR_label-lesion_mask.nii.gz", {"mask"}), ("sub-01_desc-brain_mask.nii.gz", {"brain_mask"}),
+    ("sub-01_ce-gadolinium_T1w.nii.gz", set()),
+    ("T1_reg2FLAIR.nii.gz", {"t1"}), ("T2_in_FLAIR_space.nii.gz", {"t2"}), ("FLAIR_brain_n4.nii.gz", {"flair"}),
+    ("consensus_reg2FLAIR.nii.gz", {"mask"}), ("T1_brain.nii.gz", {"t1"}), ("brainmask.nii.gz", {"brain_mask"}),
+    ("brain_mask.nii.gz", {"brain_mask"}), ("T1_brain_mask.nii.gz", {"brain_mask", "t1"}),
+    ("brain_regtoMNI.nii.gz", set()), ("lesions.nii.gz", {"mask"}), ("length.nii.gz", set()),
+    ("T2star.nii.gz", set()), ("T2*.nii.gz", set()), ("T1_gado.nii.gz", set()), ("wmh.nii.gz", {"mask"}),
+])
+def test_names_are_read_by_whole_tokens_and_bids_entities(name: str, roles: set[str]) -> None:
+    assert default_roles(name) == roles
+
+
+def test_a_brain_file_is_never_taken_as_the_lesion_mask(tmp_path: Path) -> None:
+    # With substring globs "*gt*" matched "regtoMNI": the brain mask trained as the lesion label.
+    folder = tmp_path / "s1"
+    folder.mkdir()
+    for name in ("T1", "T2", "FLAIR", "brain_regtoMNI", "lesions"):
+        (folder / f"{name}.nii.gz").write_bytes(b"x")
+    (case,) = find_cases(tmp_path)
+    assert case.mask.name == "lesions.nii.gz" and case.brain_mask is None
+
+
+def test_real_world_names_resolve_with_no_option(renamed: Path, capsys: pytest.CaptureFixture) -> None:
+    found = {c.id: c for c in find_cases(renamed)}
+    for naming, case_id in zip(NAMINGS, sorted(found)):
+        case = found[case_id]
+        chosen = {**{m: p.name for m, p in case.images.items()}, "mask": case.mask.name,
+                  "brain_mask": case.brain_mask.name}
+        assert chosen == {role: f"{name}.nii.gz" for role, name in naming.items()}
+    # --list shows the roles and the lesion fractions, and stops.
+    assert train.main(["--data", str(renamed), "--list"]) == 0
+    printed = capsys.readouterr().out
+    assert "sub-01_space-FLAIR_label-lesion_mask.nii.gz" in printed and "% of the brain" in printed
+    assert "looks like a brain" not in printed
+
+
+def test_ambiguous_names_list_the_candidates_and_name_pattern(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "training01"
+    folder.mkdir()
+    for name in ("mprage_pp", "t2_pp", "flair_pp", "mask1", "mask2"):
+        (folder / f"{name}.nii.gz").write_bytes(b"x")
+    assert train.main(["--data", str(tmp_path), "--list"]) == 1
+    one_error_line(capsys, "2 files could be the lesion mask", "mask1.nii.gz", "mask2.nii.gz", "--pattern mask=GLOB")
+    (case,) = find_cases(tmp_path, patterns={"mask": "*mask1*"})
+    assert case.mask.name == "mask1.nii.gz"
+
+
+def test_a_brain_mask_given_as_lesion_mask_is_refused_before_training(cohort: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    args = ["--data", str(cohort), "--pattern", "mask=brain_mask*", "--pattern", "brain_mask=none",
+            "--iterations", "1", "--out", str(tmp_path / "run"), *TINY]
+    assert train.main([*args[:6], "--list"]) == 0
+    assert "this looks like a brain or tissue mask" in capsys.readouterr().out
+    assert train.main(args) == 2
+    one_error_line(capsys, "cover more than 10% of the brain", "--pattern mask=GLOB")
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------- recorded data options
+
+
+def test_patterns_and_label2_are_recorded_and_used_downstream(foreground_run: Path, cohort: Path,
+                                                              tmp_path: Path) -> None:
+    meta = torch.load(foreground_run / "model.pt", weights_only=False)
+    assert meta["data"] == {"layout": "auto", "modalities": ["t1", "t2", "flair"], "patterns": {},
+                            "label2": "ignore", "resample": False, "normalisation": "foreground"}
+    # evaluate.py has --label2 and reads the recorded value by default.
+    assert evaluate.main(["--checkpoint", str(foreground_run / "model.pt"), "--data", str(cohort), "--out",
+                          str(tmp_path / "e"), "--label2", "lesion", "--overlap", "0.25"]) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())  # strict JSON: no bare NaN
+    assert metrics["cases"] == 4
+
+
+def test_contradicting_the_model_is_refused_naming_both(foreground_run: Path, cohort: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    common = ["--checkpoint", str(foreground_run / "model.pt"), "--data", str(cohort), "--out", str(tmp_path)]
+    assert predict.main([*common, "--modalities", "flair,t1"]) == 2
+    one_error_line(capsys, "--modalities flair,t1 differs from the model's t1,t2,flair")
+    assert evaluate.main([*common, "--normalisation", "brain-mask"]) == 2
+    one_error_line(capsys, "--normalisation brain-mask differs from the model's foreground")
+    assert not any(tmp_path.iterdir())
+
+
+def test_modalities_flag_takes_the_documented_comma_list(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    assert train.main(["--data", str(cohort), "--modalities", "flair,t1", "--iterations", "1", "--test-fraction",
+                       "0.25", "--out", str(out), *TINY]) == 0
+    meta = torch.load(out / "model.pt", weights_only=False)
+    assert meta["data"]["modalities"] == ["flair", "t1"] and meta["config"]["in_channels"] == 2
+
+
+def test_experiment_passes_data_options_to_training_splits_and_figure(cohort: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "exp"
+    command = ["--data", str(cohort), "--methods", "unet", "--splits", "1", "--train-fraction", "0.5", "--out",
+               str(out), "--modalities", "flair", "t1", "--", "--iterations", "1", *TINY]
+    assert experiment.main(command) == 0
+    meta = torch.load(out / "runs" / "unet" / "split-0" / "model.pt", weights_only=False)
+    assert meta["data"]["modalities"] == ["flair", "t1"]
+    assert (out / "figure.png").is_file()
+    stamp = (out / "runs" / "unet" / "split-0" / "model.pt").stat().st_mtime_ns
+    assert experiment.main(command) == 0  # the same command reuses the finished run
+    assert (out / "runs" / "unet" / "split-0" / "model.pt").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    # Other arguments: the finished run is not reused as if it answered them.
+    assert experiment.main([*command[:-len(TINY) - 2], "--iterations", "1", "--lr", "0.01", *TINY]) == 2
+    one_error_line(capsys, "unet split-0", "--lr: recorded 0.001, now 0.01")
+    assert experiment.main([*command, "--modalities", "t2"]) == 2
+    one_error_line(capsys, "--modalities after '--'")
+
+
+# ----------------------------------------------------------------------------------------- normalisation
+
+
+def copy_subjects(cohort: Path, root: Path, names: tuple[str, ...]) -> Path:
+    for source in sorted(cohort.glob("sub-00[12]")):
+        (root / source.name).mkdir(parents=True)
+        for name in names:
+            shutil.copy(source / f"{name}.nii.gz", root / source.name)
+    return root
+
+
+def test_prediction_does_not_depend_on_an_optional_brain_mask_file(foreground_run: Path, cohort: Path,
+                                                                   tmp_path: Path) -> None:
+    with_mask = copy_subjects(cohort, tmp_path / "a", ("t1", "t2", "flair", "brain_mask"))
+    without = copy_subjects(cohort, tmp_path / "b", ("t1", "t2", "flair"))
+    for data, out in ((with_mask, "pa"), (without, "pb")):
+        assert predict.main(["--checkpoint", str(foreground_run / "model.pt"), "--data", str(data), "--out",
+                             str(tmp_path / out), "--device", "cpu"]) == 0
+    for case_id in ("sub-001", "sub-002"):
+        a = np.asanyarray(nib.load(tmp_path / "pa" / f"{case_id}.nii.gz").dataobj)
+        b = np.asanyarray(nib.load(tmp_path / "pb" / f"{case_id}.nii.gz").dataobj)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_brain_mask_model_refuses_scans_without_their_brain_mask(cohort: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bm"
+    assert train.main(["--data", str(cohort), "--iterations", "1", "--test-fraction", "0.25", "--out", str(out),
+                       *TINY]) == 0
+    assert torch.load(out / "model.pt", weights_only=False)["data"]["normalisation"] == "brain-mask"  # auto
+    capsys.readouterr()
+    without = copy_subjects(cohort, tmp_path / "b", ("t1", "t2", "flair"))
+    assert predict.main(["--checkpoint", str(out / "model.pt"), "--data", str(without), "--out",
+                         str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert "error: subject sub-001:" in err and "has no brain-mask file" in err and "--normalisation foreground" in err
+    assert not (tmp_path / "p" / "sub-001.nii.gz").exists()
+
+
+# ----------------------------------------------------------------------------------- nothing overwritten
+
+
+def test_predict_never_replaces_files_and_refuses_input_folders(foreground_run: Path, cohort: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    nnunet = make_cohort(tmp_path / "nn", subjects=2, preset="small", seed=0, montage=False, layout="nnunet")
+    labels = {p.name: p.read_bytes() for p in (nnunet / "labelsTr").iterdir()}
+    common = ["--checkpoint", str(foreground_run / "model.pt"), "--data", str(nnunet)]
+    assert predict.main([*common, "--out", str(nnunet / "labelsTr")]) == 2
+    one_error_line(capsys, "is a folder of the input data")
+    assert predict.main([*common, "--out", str(nnunet / "imagesTr"), "--overwrite"]) == 2
+    capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in (nnunet / "labelsTr").iterdir()} == labels
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "sub-001.nii.gz").write_bytes(b"a mask made by hand")
+    assert predict.main([*common, "--out", str(masks)]) == 2
+    one_error_line(capsys, "already holds sub-001.nii.gz", "--overwrite")
+    assert (masks / "sub-001.nii.gz").read_bytes() == b"a mask made by hand"
+    assert not (masks / "sub-002.nii.gz").exists()
+    assert predict.main([*common, "--out", str(masks), "--overwrite"]) == 0
+    assert nib.load(masks / "sub-001.nii.gz").shape == nib.load(nnunet / "labelsTr" / "sub-001.nii.gz").shape
+
+
+def test_train_refuses_an_existing_run_and_overwrite_removes_only_run_files(cohort: Path, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    args = ["--data", str(cohort), "--iterations", "2", "--test-fraction", "0.5", "--out", str(out), *TINY]
+    assert train.main(args) == 0
+    (out / "notes.md").write_text("my notes")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert train.main(args) == 2
+    one_error_line(capsys, "already holds a run", "--resume", "--overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
+    assert train.main([*args, "--iterations", "1", "--overwrite"]) == 0
+    assert (out / "notes.md").read_text() == "my notes"
+    assert json.loads((out / "metrics.json").read_text())["iterations"] == 1
+
+
+def test_resume_compares_every_option_that_changes_the_result(cohort: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    args = ["--data", str(cohort), "--iterations", "4", "--test-fraction", "0.5", "--out", str(out), *TINY]
+    assert train.main([*args, "--stop-at", "2", "--checkpoint-every", "1"]) == 0
+    capsys.readouterr()
+    changed = [["--seed", "1"], ["--lr", "0.01"], ["--loss-weights", "literal"], ["--crop", "16", "16", "32"],
+               ["--lesion-crop-fraction", "0.1"], ["--batch-size", "4"]]
+    for change in changed:
+        assert train.main([*args, "--resume", *change]) == 2, change
+        one_error_line(capsys, "--resume: the command differs", f"--{change[0][2:]}")
+    assert train.main([*args, "--resume", "--iterations", "1"]) == 2
+    one_error_line(capsys, "--iterations 1 is below the 2 iterations")
+    assert train.main([*args, "--resume", "--method", "ncl-010"]) == 2
+    one_error_line(capsys, "holds a rsa-010 network with filters [4, 8, 16, 32, 64]")
+    # Options that cannot change the result may differ.
+    assert train.main([*args, "--resume", "--checkpoint-every", "3"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 4
+
+
+def test_splits_with_overlapping_or_unknown_ids_are_refused(cohort: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    for split, fragment in (({"train": ["sub-001", "sub-002"], "test": ["sub-002"]}, "in both 'train' and 'test'"),
+                            ({"train": ["sub-001"], "test": ["sub-099"]}, "ids ['sub-099'] are not in the data")):
+        path = tmp_path / "split.json"
+        path.write_text(json.dumps(split))
+        assert train.main(["--data", str(cohort), "--split", str(path), "--iterations", "1",
+                           "--out", str(tmp_path / "run"), *TINY]) == 2
+        one_error_line(capsys, fragment)
+
+
+# ---------------------------------------------------------------------------------------- errors up front
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--crop", "20", "32", "32"], "must be a multiple of 16"),
+    (["--crop", "512", "512", "512", "--batch-size", "64"], "needs at least"),
+    (["--overlap", "1"], "argument --overlap: must be in [0, 1)"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--data", "/nonexistent/scans"], "--data /nonexistent/scans does not exist"),
+    (["--iteratons", "3"], "unrecognized arguments: --iteratons"),
+    (["--resume", "--overwrite"], "contradict each other"),
+    (["--pattern", "flair"], "--pattern takes ROLE=GLOB"),
+])
+def test_user_mistakes_are_one_error_line_before_any_work(cohort: Path, tmp_path: Path, extra: list[str],
+                                                          fragment: str, capsys: pytest.CaptureFixture) -> None:
+    args = ["--data", str(cohort), "--iterations", "1", "--out", str(tmp_path / "run"), *TINY, *extra]
+    assert exit_code(train.main, args) == 2
+    one_error_line(capsys, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def exit_code(main, args: list[str]) -> int:
+    """What the script returns, or the status argparse exits with."""
+    try:
+        return main(args)
+    except SystemExit as exit:
+        return exit.code
+
+
+def test_empty_training_masks_are_refused(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "empty"
+    for source in sorted(cohort.glob("sub-00[12]")):
+        shutil.copytree(source, data / source.name)
+        mask = nib.load(source / "mask.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros(mask.shape, np.uint8), mask.affine), data / source.name / "mask.nii.gz")
+    assert train.main(["--data", str(data), "--iterations", "1", "--test-fraction", "0", "--out",
+                       str(tmp_path / "run"), *TINY]) == 2
+    one_error_line(capsys, "every training lesion mask is empty")
+
+
+def test_damaged_or_foreign_checkpoints_name_the_path(foreground_run: Path, cohort: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    truncated = tmp_path / "model.pt"
+    truncated.write_bytes((foreground_run / "model.pt").read_bytes()[:5000])
+    foreign = tmp_path / "weights.pt"
+    torch.save({"state_dict": {}}, foreign)
+    for path, fragment in ((truncated, "cannot be read (truncated"), (foreign, "is not a checkpoint written by")):
+        assert predict.main(["--checkpoint", str(path), "--data", str(cohort), "--out", str(tmp_path / "p")]) == 2
+        one_error_line(capsys, str(path), fragment)
+
+
+def test_make_cohort_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert exit_code(make_cohort_cli.main, ["--out", str(tmp_path), "--layout", "bids"]) == 2
+    one_error_line(capsys, "invalid choice: 'bids'")
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+def test_scripts_are_thin_and_never_import_each_other() -> None:
+    scripts = {"train", "evaluate", "predict", "experiment", "make_cohort"}
+    for path in EXAMPLE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not imported & scripts, (path.name, imported & scripts)
+        defined = [node for node in tree.body if isinstance(node, ast.Assign)
+                   and any(getattr(t, "id", None) == "IGNORE_LABEL" for t in node.targets)]
+        assert not defined or path.name == "data.py", path.name
+        for node in ast.walk(tree):  # training is a sequence of named steps, none of them long
+            if isinstance(node, ast.FunctionDef) and path.stem == "training":
+                assert node.end_lineno - node.lineno < 50, f"{node.name} is {node.end_lineno - node.lineno} lines"
