@@ -79,6 +79,10 @@ def test_compile_fullgraph_with_flag_off_and_on() -> None:
     x = torch.randn(2, 4, 3, 5, 6)
     for save in (False, True):
         block = RecurrentSliceAttention3d(4, alpha_init=0.5, save_attention=save)
-        compiled = torch.compile(block, fullgraph=save is False)
-        torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
-        assert len(block.attention_maps) == (3 if save else 0)
+        compiled = torch.compile(block, fullgraph=True)
+        out = compiled(x)
+        compiled_maps = block.attention_maps
+        torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
+        assert len(compiled_maps) == (3 if save else 0)
+        for compiled_map, eager_map in zip(compiled_maps, block.attention_maps):
+            torch.testing.assert_close(compiled_map, eager_map)
