@@ -43,8 +43,8 @@ IGNORE_LABEL = 255
 # ("sub-01_space-FLAIR_T1w", "sub-01_label-lesion_mask") are read the BIDS way: the suffix names the
 # image and the key-value entities qualify it. ``--pattern ROLE=GLOB`` replaces a role's rule.
 ROLE_TOKENS: dict[str, str] = {
-    "t1": r"t1w?|(t1)?mp2?rage",
-    "t2": r"t2w?",
+    "t1": r"(3d)?t1w?|(t1)?mp2?rage",
+    "t2": r"(3d)?t2w?",
     "flair": r"(3d)?(t2)?flair\d*",
     "mask": r"(lesion)?masks?\d*|lesions?\d*|seg|segmentation|gt|groundtruth|consensus|gold(standard)?|labels?"
             r"|wmh|manual\d*",
