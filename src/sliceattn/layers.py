@@ -60,29 +60,8 @@ class QKVProjection(nn.Module):
         return query, key, pointwise_conv(x, self.weight[qk:], self.bias[qk:])
 
 
-def _shared_options(
-    channels: int, projection: bool, qk_channels: Optional[int], scale: object, impl: str, save_attention: bool, device, dtype
-) -> tuple[Optional[QKVProjection], Scale, str]:
-    """Validate the options the two layers share; return their projection (None without one), scale and impl."""
-    check_positive_int(channels, "channels")
-    check_bool(projection, "projection")
-    check_bool(save_attention, "save_attention")
-    impl = check_choice(impl, "impl", IMPLS)
-    checked_scale = check_scale(scale)  # a bad scale fails here, not at the first forward
-    if qk_channels is not None:
-        if not projection:
-            raise ValueError(f"qk_channels={qk_channels} needs projection=True (without projections query/key are the input)")
-        check_positive_int(qk_channels, "qk_channels")
-    block_projection = QKVProjection(channels, qk_channels or channels, device=device, dtype=dtype) if projection else None
-    return block_projection, checked_scale, impl
-
-
 class _GatedSliceBlock(nn.Module):
-    """What both layers do per step: check the input, project, attend and gate, keep the maps.
-
-    Subclasses set ``projection``, ``channels``, ``scale``, ``impl``, ``alpha`` and
-    ``save_attention``.
-    """
+    """What both layers share: their options, and per step: check the input, project, attend and gate, keep the maps."""
 
     projection: Optional[QKVProjection]
     channels: int
@@ -93,6 +72,40 @@ class _GatedSliceBlock(nn.Module):
     #: the last forward's attention maps, one detached ``(B, L, L)`` tensor per step in step
     #: order (float32, float64 for float64 input); empty unless ``save_attention=True``
     attention_maps: tuple[Tensor, ...]
+
+    def __init__(
+        self,
+        channels: int,
+        steps: Optional[int],
+        projection: bool,
+        qk_channels: Optional[int],
+        scale: object,
+        alpha_init: float,
+        impl: str,
+        save_attention: bool,
+        device,
+        dtype,
+    ) -> None:
+        """Validate the shared options; build the projection (None without one) and the gates.
+
+        ``steps`` is the number of gates (``alpha`` of shape ``(steps,)``), None for one 0-d gate.
+        """
+        super().__init__()
+        check_positive_int(channels, "channels")
+        check_bool(projection, "projection")
+        self.save_attention = check_bool(save_attention, "save_attention")
+        self.impl = check_choice(impl, "impl", IMPLS)
+        self.scale = check_scale(scale)  # a bad scale fails here, not at the first forward
+        if qk_channels is not None:
+            if not projection:
+                raise ValueError(f"qk_channels={qk_channels} needs projection=True (without projections query/key are the input)")
+            check_positive_int(qk_channels, "qk_channels")
+        self.channels = channels
+        self.projection = QKVProjection(channels, qk_channels or channels, device=device, dtype=dtype) if projection else None
+        # one plain Parameter holding every step's gate (nn.ParameterList breaks DataParallel replicas)
+        shape = () if steps is None else (steps,)
+        self.alpha = nn.Parameter(torch.full(shape, float(alpha_init), device=device, dtype=dtype))
+        self.attention_maps = ()
 
     def _check_input(self, x: Tensor) -> None:
         check_feature_map(x, "input", ndim=5, channels=self.channels, dtype=self.alpha.dtype)
@@ -144,13 +157,8 @@ class SliceAttention3d(_GatedSliceBlock):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        self.projection, self.scale, self.impl = _shared_options(
-            channels, projection, qk_channels, scale, impl, save_attention, device, dtype
-        )
-        self.channels, self.dim, self.save_attention = channels, resolve_axis(axis), save_attention
-        self.alpha = nn.Parameter(torch.full((), float(alpha_init), device=device, dtype=dtype))
-        self.attention_maps = ()
+        super().__init__(channels, None, projection, qk_channels, scale, alpha_init, impl, save_attention, device, dtype)
+        self.dim = resolve_axis(axis)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``."""
@@ -207,10 +215,6 @@ class RecurrentSliceAttention3d(_GatedSliceBlock):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        self.projection, self.scale, self.impl = _shared_options(
-            channels, projection, qk_channels, scale, impl, save_attention, device, dtype
-        )
         if isinstance(order, str) or not isinstance(order, Sequence) or len(order) == 0:
             raise TypeError(f"order must be a non-empty sequence of axes, got {order!r}")
         dims = tuple(resolve_axis(axis, name="order") for axis in order)
@@ -218,11 +222,8 @@ class RecurrentSliceAttention3d(_GatedSliceBlock):
             raise ValueError(f"order must name distinct axes, got {tuple(order)!r}")
         if project_once and not projection:
             raise ValueError("project_once=True needs projection=True")
-        self.channels, self.dims, self.save_attention = channels, dims, save_attention
-        self.project_once, self.checkpoint = bool(project_once), bool(checkpoint)
-        # one plain Parameter holding every step's gate (nn.ParameterList breaks DataParallel replicas)
-        self.alpha = nn.Parameter(torch.full((len(dims),), float(alpha_init), device=device, dtype=dtype))
-        self.attention_maps = ()
+        super().__init__(channels, len(dims), projection, qk_channels, scale, alpha_init, impl, save_attention, device, dtype)
+        self.dims, self.project_once, self.checkpoint = dims, bool(project_once), bool(checkpoint)
 
     @property
     def order(self) -> tuple[str, ...]:
