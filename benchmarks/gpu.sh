@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA tables in one command (44 cases, sized to finish well within 10 minutes on one GPU):
+# The CUDA tables in one command (52 cases in quick mode, sized to finish well within 10 minutes on one GPU):
 # CUDA-event times and torch.cuda.max_memory_allocated peaks of the blocks against their
 # baselines, the attention core's bandwidth as a fraction of the device's peak, and the
 # projections' batched matmul against F.conv3d. Then the report, in OUT/benchmarks.md.

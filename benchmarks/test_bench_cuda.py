@@ -27,7 +27,9 @@ from sliceattn.pointwise import pointwise_conv
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA benchmarks need a CUDA device")
 
 DEVICE = "cuda"
-CUDA_BLOCKS = ("naive-rsa", "rsa", "rsa-checkpoint", "rsa-qk8-once", "nonlocal", "nonlocal-sub")
+CUDA_BLOCKS = (
+    "naive-rsa", "rsa", "rsa-checkpoint", "rsa-qk8-once", "naive-nonlocal", "nonlocal", "naive-nonlocal-sub", "nonlocal-sub"
+)
 #: CUDA-event rounds per case (the minimum is kept)
 CUDA_ROUNDS = max(ROUNDS, 10)
 CASES = [(size, block) for size in sizes() for block in CUDA_BLOCKS]
