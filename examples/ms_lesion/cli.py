@@ -9,8 +9,10 @@ status 2 (``command``), checked before any long work starts.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import functools
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +24,7 @@ from data import (
     LABEL2_MODES, LAYOUTS, MODALITIES, NORMALISATIONS, DataError, DataOptions, describe, parse_patterns,
     resolve_normalisation,
 )
+from lesions import DEFAULT_MIN_LESION_MM3
 from run import UsageError
 
 class Parser(argparse.ArgumentParser):
@@ -152,6 +155,79 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         if device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def _mm3(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 mm^3, got {text}")
+    return value
+
+
+def add_postprocessing_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--tta`` and ``--min-lesion-size``: what evaluation and prediction do to the network's output."""
+    parser.add_argument("--tta", action="store_true",
+                        help="average the probabilities over the 8 mirrorings of each tile (8x the time)")
+    parser.add_argument("--min-lesion-size", type=_mm3, default=DEFAULT_MIN_LESION_MM3, metavar="MM3",
+                        help="remove predicted lesions (26-connected) smaller than this many mm^3 "
+                        f"(default: {DEFAULT_MIN_LESION_MM3:g})")
+
+
+def add_runtime_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--threads`` and ``--no-malloc-tuning``: how the process uses the CPU and memory."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of torch (default: the cores this process may use; with N processes "
+                        "under torchrun, that number divided by N)")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="keep glibc's default allocator settings (default: large tensors come from the heap "
+                        "instead of a fresh mmap each time, as MALLOC_MMAP_MAX_=0 does: faster CPU training steps)")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def tune_allocator() -> bool:
+    """Make glibc serve large blocks from the heap instead of a fresh ``mmap`` per tensor.
+
+    With the defaults every large tensor is a new mapping that is page-faulted again at every step;
+    this is what ``MALLOC_MMAP_MAX_=0`` does, applied from inside the process. A no-op (False) where
+    the C library has no ``mallopt`` or the user set ``MALLOC_MMAP_MAX_`` already.
+    """
+    if "MALLOC_MMAP_MAX_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_max = -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0))
+
+
+def configure_runtime(args: argparse.Namespace, processes: int = 1) -> int:
+    """Apply ``--threads`` and the allocator setting; warn when other processes compete for the cores.
+
+    Returns:
+        The number of torch threads.
+    """
+    cores = usable_cores()
+    threads = args.threads or max(1, cores // processes)
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    if not args.no_malloc_tuning:
+        tune_allocator()
+    if hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+        if load > cores - threads * processes + 0.75:
+            print(f"warning: the load average is {load:.1f} on {cores} cores: other processes compete for the "
+                  f"{threads * processes} threads of this run, which can slow it several times; wait, or use "
+                  "fewer --threads", file=sys.stderr)
+    return threads
 
 
 def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cli import (
-    Parser, add_data_options, add_inference_options, command, data_options, list_cases, select_device,
+    Parser, add_data_options, add_inference_options, add_postprocessing_options, add_runtime_options, command,
+    configure_runtime, data_options, list_cases, select_device,
 )
 from data import DataOptions
 from inference import evaluate_cases
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace metrics.json and cases.csv in --out")
     add_data_options(parser)
     add_inference_options(parser)
+    add_postprocessing_options(parser)
+    add_runtime_options(parser)
     return parser
 
 
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = select_device(args.device)
+    configure_runtime(args)
     out = Path(args.out)
     existing = [name for name in OUTPUTS if (out / name).exists()]
     if existing and not args.overwrite:
@@ -58,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not found:
         raise UsageError(f"no subject to evaluate in {args.data}")
     cases = [options.load(p) for p in found]
-    summary, rows, _ = evaluate_cases(model, cases, meta["crop"], overlap=args.overlap, device=device)
+    summary, rows, _ = evaluate_cases(model, cases, meta["crop"], overlap=args.overlap, device=device, mirror=args.tta,
+                                      min_lesion_mm3=args.min_lesion_size)
     write_json(out / "metrics.json", summary)
     write_csv(out / "cases.csv", rows)
     print(json.dumps({k: round(v, 4) for k, v in summary.items()}, indent=1))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from data import Case
+from lesions import remove_small_lesions
 from metrics import case_counts, scores, summarise
 
 
@@ -60,6 +61,7 @@ def sliding_window_probabilities(
     batch_size: int = 2,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
+    mirror: bool = False,
 ) -> Tensor:
     """Class probabilities of a whole volume.
 
@@ -71,6 +73,8 @@ def sliding_window_probabilities(
         batch_size: tiles per forward pass.
         device: where the model runs.
         amp_dtype: autocast dtype on CUDA (``torch.bfloat16``/``torch.float16``), or None.
+        mirror: test-time augmentation: average each tile's probabilities over its 8 mirrorings
+            (every subset of the three axes flipped, as nnU-Net does); 8 times the work.
 
     Returns:
         ``(C, D, H, W)`` float32 probabilities on the CPU.
@@ -103,8 +107,7 @@ def sliding_window_probabilities(
         chunk = windows[first : first + batch_size]
         batch = torch.stack([volume[(slice(None), *w)] for w in chunk]).to(device)
         with autocast:
-            logits = model(batch)
-        probabilities = torch.softmax(logits.float(), dim=1)
+            probabilities = _tile_probabilities(model, batch, mirror)
         if total is None:
             total = torch.zeros((probabilities.shape[1], *padded), device=device)
         for window, p in zip(chunk, probabilities):
@@ -115,10 +118,57 @@ def sliding_window_probabilities(
     return out[(slice(None), *(slice(0, n) for n in shape))].cpu()
 
 
-def predict_mask(model: nn.Module, image: np.ndarray | Tensor, tile: Sequence[int], **kwargs) -> np.ndarray:
-    """``(M, D, H, W)`` -> ``(D, H, W)`` uint8 lesion mask (argmax of ``sliding_window_probabilities``)."""
-    probabilities = sliding_window_probabilities(model, image, tile, **kwargs)
-    return probabilities.argmax(0).to(torch.uint8).numpy()
+MIRRORS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
+
+
+def _tile_probabilities(model: nn.Module, batch: Tensor, mirror: bool) -> Tensor:
+    """Softmax of a batch of tiles ``(B, M, d, h, w)``, averaged over the mirrorings when ``mirror``."""
+    if not mirror:
+        return torch.softmax(model(batch).float(), dim=1)
+    total = sum(torch.softmax(model(batch.flip(axes)).float(), dim=1).flip(axes) for axes in MIRRORS)
+    return total / len(MIRRORS)
+
+
+def foreground_box(image: np.ndarray) -> tuple[slice, slice, slice]:
+    """The bounding box of the voxels non-zero in any channel of ``(M, D, H, W)`` (the whole volume if none)."""
+    nonzero = np.any(np.asarray(image) != 0, axis=0)
+    if not nonzero.any():
+        return tuple(slice(0, n) for n in nonzero.shape)  # type: ignore[return-value]
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def segment(model: nn.Module, image: np.ndarray, tile: Sequence[int], **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion probability and mask of a whole ``(M, D, H, W)`` volume.
+
+    Only the bounding box of the non-zero voxels is tiled (nnU-Net crops to it too): on skull-stripped
+    scans that is the brain, about a quarter of a 1 mm MNI grid; outside it the prediction is background.
+
+    Args:
+        model: the network in eval mode.
+        image: ``(M, D, H, W)`` volume.
+        tile: the sliding-window tile.
+        **kwargs: ``overlap``, ``batch_size``, ``device``, ``amp_dtype``, ``mirror`` of
+            ``sliding_window_probabilities``.
+
+    Returns:
+        ``(D, H, W)`` float32 lesion probability (class 1) and ``(D, H, W)`` uint8 mask (the argmax).
+    """
+    box = foreground_box(image)
+    probabilities = sliding_window_probabilities(model, np.asarray(image)[(slice(None), *box)], tile, **kwargs)
+    lesion = np.zeros(np.asarray(image).shape[1:], np.float32)
+    mask = np.zeros(lesion.shape, np.uint8)
+    lesion[box] = probabilities[1].numpy()
+    mask[box] = probabilities.argmax(0).to(torch.uint8).numpy()
+    return lesion, mask
+
+
+def predict_mask(model: nn.Module, image: np.ndarray | Tensor, tile: Sequence[int], **kwargs: Any) -> np.ndarray:
+    """``(M, D, H, W)`` -> ``(D, H, W)`` uint8 lesion mask (``segment``'s mask)."""
+    return segment(model, np.asarray(image), tile, **kwargs)[1]
 
 
 def evaluate_cases(
@@ -129,6 +179,8 @@ def evaluate_cases(
     overlap: float = 0.5,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
+    mirror: bool = False,
+    min_lesion_mm3: float = 0.0,
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
     """Segment each labelled case whole and score it.
 
@@ -139,6 +191,8 @@ def evaluate_cases(
         overlap: tile overlap in [0, 1).
         device: where the model runs.
         amp_dtype: CUDA autocast dtype or None.
+        mirror: mirroring test-time augmentation (``sliding_window_probabilities``).
+        min_lesion_mm3: remove predicted lesions smaller than this (``lesions.remove_small_lesions``).
 
     Returns:
         The cohort summary, one row of scores per case (with ``id``), and the ``(D, H, W)`` uint8
@@ -149,7 +203,8 @@ def evaluate_cases(
     for case in cases:
         if case.label is None:
             raise ValueError(f"case {case.id!r} has no lesion mask; evaluation needs labelled cases")
-        mask = predict_mask(model, case.image, tile, overlap=overlap, device=device, amp_dtype=amp_dtype)
+        mask = predict_mask(model, case.image, tile, overlap=overlap, device=device, amp_dtype=amp_dtype, mirror=mirror)
+        mask = remove_small_lesions(mask, np.diag([*case.spacing, 1.0]), min_lesion_mm3)
         count = case_counts(mask, case.label, case.spacing)
         counts.append(count)
         rows.append({"id": case.id, **scores(count), "predicted_voxels": count.tp + count.fp,

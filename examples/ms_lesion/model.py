@@ -28,9 +28,11 @@ from sliceattn import NonLocal3d, RecurrentSliceAttention3d
 METHODS: tuple[str, ...] = ("unet", "rsa-010", "rsa-101", "rsa-111", "ncl-010", "ncl-101", "ncl-111")
 PLACEMENTS: tuple[str, ...] = ("000", "010", "101", "111")
 ATTENTIONS: tuple[str, ...] = ("rsa", "ncl")
-# Filters per level. "paper" is the paper's backbone; the others keep its shape for CPU runs.
+# Filters per level. "paper" is the paper's backbone; the others keep its shape for CPU runs ("half" is the
+# CPU preset's network).
 FILTER_PRESETS: dict[str, tuple[int, ...]] = {
     "paper": (32, 64, 128, 256, 512),
+    "half": (16, 32, 64, 128, 256),
     "cpu": (8, 16, 32, 64, 128),
     "tiny": (4, 8, 16, 32, 64),
 }

@@ -3,8 +3,15 @@
     python examples/ms_lesion/predict.py --checkpoint runs/rsa-010/model.pt --data DIR --out DIR
 
 ``DIR`` holds subjects in the layouts data.py reads (no lesion masks needed); the data options
-default to the ones the model was trained with. Each mask (``<out>/<id>.nii.gz``: 1 lesion,
-0 background) is in the subject's original orientation, shape and affine, and is written atomically.
+default to the ones the model was trained with. For each subject, in its original orientation, shape
+and affine, written atomically:
+
+    <out>/<id>.nii.gz            uint8 lesion mask (1 lesion, 0 background)
+    <out>/<id>_lesions.csv       one row per lesion: label, volume_ml, centroid_{x,y,z}_mm (world), max_probability
+    <out>/<id>_prob.nii.gz       float32 lesion probability        (--probabilities)
+    <out>/<id>_lesions.nii.gz    uint16 lesion labels = the CSV's label column   (--label-lesions)
+    <out>/report.csv             one row per subject: id, lesions, volume_ml, largest_ml, mean_probability
+
 An existing mask is never replaced unless ``--overwrite``, and ``--out`` may not be a folder that holds
 input files. A subject that fails (unreadable file, wrong shape...) is reported on stderr and
 skipped; the exit status is 1 if any failed.
@@ -17,39 +24,59 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import Any
+
 import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
 
 from cli import (
-    Parser, add_data_options, add_inference_options, command, data_options, list_cases, select_device,
+    Parser, add_data_options, add_inference_options, add_postprocessing_options, add_runtime_options, command,
+    configure_runtime, data_options, list_cases, select_device,
 )
 from data import CasePaths, DataError, DataOptions
-from inference import predict_mask
+from inference import segment
+from lesions import LESION_FIELDS, REPORT_FIELDS, label_lesions, lesion_table, remove_small_lesions, subject_summary
 from model import load_trained
-from run import UsageError, save_atomically
+from run import UsageError, save_atomically, write_csv
 
 
-def predict_case(
-    model: nn.Module, paths: CasePaths, out: Path, meta: dict, options: DataOptions, *, overlap: float,
-    device: torch.device,
-) -> Path:
-    """Load, segment and write one subject; returns the mask file."""
+def outputs(case_id: str, args: argparse.Namespace) -> list[str]:
+    """The file names ``predict.py`` writes for one subject with these options."""
+    names = [f"{case_id}.nii.gz", f"{case_id}_lesions.csv"]
+    return names + [f"{case_id}_prob.nii.gz"] * args.probabilities + [f"{case_id}_lesions.nii.gz"] * args.label_lesions
+
+
+def predict_case(model: nn.Module, paths: CasePaths, out: Path, meta: dict, options: DataOptions,
+                 args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Load, segment, post-process and write one subject; returns its ``report.csv`` row."""
     case = options.load(paths)
-    mask = predict_mask(model, case.image, meta["crop"], overlap=overlap, device=device)
-    image = case.to_original(mask.astype(np.uint8))
-    image.set_data_dtype(np.uint8)
-    return save_atomically(out / f"{case.id}.nii.gz", lambda tmp: nib.save(image, tmp))
+    probability, mask = segment(model, case.image, meta["crop"], overlap=args.overlap, device=device, mirror=args.tta)
+    mask = remove_small_lesions(mask, np.diag([*case.spacing, 1.0]), args.min_lesion_size)
+    labels, count = label_lesions(mask)
+    # On the source grid: voxel indices map to millimetres through its affine.
+    mask_image, label_image = case.to_original(mask), case.to_original(labels)
+    probability_image = case.to_original(probability.astype(np.float32))
+    source_probability = np.asanyarray(probability_image.dataobj)
+    rows = lesion_table(np.asanyarray(label_image.dataobj), count, source_probability, label_image.affine)
+    written = {f"{case.id}.nii.gz": mask_image, f"{case.id}_prob.nii.gz": probability_image,
+               f"{case.id}_lesions.nii.gz": label_image}
+    for name in outputs(case.id, args):
+        if name.endswith(".csv"):
+            write_csv(out / name, rows, fields=LESION_FIELDS)
+        else:
+            save_atomically(out / name, lambda tmp, image=written[name]: nib.save(image, tmp))
+    return subject_summary(case.id, rows, np.asanyarray(mask_image.dataobj), source_probability)
 
 
-def check_out(out: Path, data: Path, subjects: Sequence[CasePaths], ids: Sequence[str], overwrite: bool) -> None:
-    """Refuse an ``--out`` that holds input files, and existing masks unless ``overwrite``."""
+def check_out(out: Path, data: Path, subjects: Sequence[CasePaths], names: Sequence[str], overwrite: bool) -> None:
+    """Refuse an ``--out`` that holds input files, and existing outputs unless ``overwrite``."""
     inputs = {p.parent.resolve() for s in subjects for p in (*s.images.values(), s.mask, s.brain_mask) if p}
     inputs |= {(data / name).resolve() for name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
     if out.resolve() in inputs:
         raise UsageError(f"--out {out} is a folder of the input data; write the masks to another folder")
-    existing = [out / f"{i}.nii.gz" for i in ids if (out / f"{i}.nii.gz").exists()]
+    existing = [out / name for name in names if (out / name).exists()]
     if existing and not overwrite:
         shown = ", ".join(p.name for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         raise UsageError(f"--out {out} already holds {shown}; pass --overwrite to replace them, or choose another --out")
@@ -60,9 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="model.pt (or checkpoint.pt) written by train.py")
     parser.add_argument("--data", required=True, help="folder of subjects to segment")
     parser.add_argument("--out", required=True, help="output folder, one <id>.nii.gz per subject")
-    parser.add_argument("--overwrite", action="store_true", help="replace masks that already exist in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist in --out")
+    outputs = parser.add_argument_group("outputs")
+    add_postprocessing_options(outputs)
+    outputs.add_argument("--probabilities", action="store_true", help="also write <id>_prob.nii.gz (float32)")
+    outputs.add_argument("--label-lesions", action="store_true",
+                         help="also write <id>_lesions.nii.gz, a uint16 map of the lesions numbered as in the CSV")
     add_data_options(parser)
     add_inference_options(parser)
+    add_runtime_options(parser)
     return parser
 
 
@@ -70,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = select_device(args.device)
+    configure_runtime(args)
     model, meta = load_trained(args.checkpoint, device)
     options = data_options(args, DataOptions.from_record(meta["data"]))
     if args.list:
@@ -77,18 +111,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors: dict[str, DataError] = {}
     subjects = options.find(args.data, require_mask=False, errors=errors)
     out = Path(args.out)
-    check_out(out, Path(args.data), subjects, [s.id for s in subjects], args.overwrite)
+    names = [name for s in subjects for name in outputs(s.id, args)] + ["report.csv"]
+    check_out(out, Path(args.data), subjects, names, args.overwrite)
     for case_id, error in errors.items():  # missing or ambiguous files: reported, the others go on
         print(f"error: subject {case_id}: {error}", file=sys.stderr)
-    failed = list(errors)
+    failed, report = list(errors), []
     for paths in subjects:
         try:
-            written = predict_case(model, paths, out, meta, options, overlap=args.overlap, device=device)
+            report.append(predict_case(model, paths, out, meta, options, args, device))
         except (DataError, OSError, ValueError, RuntimeError) as error:
             failed.append(paths.id)
             print(f"error: subject {paths.id}: {error}", file=sys.stderr)
             continue
-        print(f"{paths.id}: {written}")
+        row = report[-1]
+        print(f"{paths.id}: {out / (paths.id + '.nii.gz')} ({row['lesions']} lesions, {row['volume_ml']:.2f} mL)")
+    if report:
+        write_csv(out / "report.csv", report, fields=REPORT_FIELDS)
     total = len(subjects) + len(errors)
     print(f"{total - len(failed)} of {total} subjects segmented into {out}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

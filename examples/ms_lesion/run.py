@@ -58,11 +58,11 @@ def save_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write dict rows (same keys) as CSV, atomically."""
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None) -> Path:
+    """Write dict rows as CSV, atomically; the columns are ``fields`` or the first row's keys."""
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
+            writer = csv.DictWriter(handle, fieldnames=list(fields or (rows[0] if rows else [])))
             writer.writeheader()
             writer.writerows(rows)
     return save_atomically(path, write)

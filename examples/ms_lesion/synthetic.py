@@ -80,6 +80,7 @@ class Preset:
         lesion_count: median lesion count (log-normal, sd 0.4 in log space).
         lesion_scale: per-lesion volumes are multiplied by this (coarse presets: keeps lesions visible).
         min_lesion_voxels: every case gets at least this many lesion voxels (extra lesions are added).
+        skull_stripped: images are zero outside the brain mask, as in most public releases.
     """
 
     spacing: tuple[float, float, float]
@@ -91,6 +92,7 @@ class Preset:
     lesion_count: float
     lesion_scale: float
     min_lesion_voxels: int
+    skull_stripped: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -100,6 +102,8 @@ PRESETS: dict[str, Preset] = {
     "demo": Preset((3.0, 2.0, 2.0), (40, 48), (104, 104), (84, 92), 1, 3, 42.0, 1.0, 20),
     # Tests: 20 x 56 x 48 at 6 x 4 x 4 mm; lesions 2x larger so that they survive the coarse grid.
     "small": Preset((6.0, 4.0, 4.0), (20, 20), (56, 56), (48, 48), 1, 3, 42.0, 2.0, 8),
+    # The 1 mm MNI grid of most public releases (182 x 218 x 182, skull-stripped).
+    "mni": Preset((1.0, 1.0, 1.0), (182, 182), (218, 218), (182, 182), 1, 1, 42.0, 1.0, 20, skull_stripped=True),
 }
 
 
@@ -460,12 +464,14 @@ def generate_case(index: int, *, preset: str = "paper", seed: int = 0, anatomy: 
     for item, voxels in zip(lesions, owned):
         item.voxels = int(voxels)
     images = _acquire(rng, axes_mm, tissue, lesion, owner, lesions)
+    brain_mask = (tissue["brain"] >= 0.5).astype(np.uint8)
+    if cfg.skull_stripped:
+        images = {m: np.where(brain_mask > 0, image, 0).astype(image.dtype) for m, image in images.items()}
     affine = np.diag([sx, sy, sz, 1.0])
     affine[:3, 3] = origin
     intracranial = {"gm": tissue["gm"], "wm": tissue["wm"],
                     "csf": tissue["brain"] - tissue["gm"] - tissue["wm"], "lesion": lesion}
-    return SyntheticCase(images, label, (tissue["brain"] >= 0.5).astype(np.uint8), intracranial,
-                         cfg.spacing, affine, lesions)
+    return SyntheticCase(images, label, brain_mask, intracranial, cfg.spacing, affine, lesions)
 
 
 def _field_of_view(rng: np.random.Generator, cfg: Preset, shape: tuple[int, ...], atlas: Anatomy, warp: Warp,

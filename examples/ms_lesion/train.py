@@ -6,10 +6,16 @@
     python examples/ms_lesion/train.py --data DIR --out runs/rsa-101 --resume   # continue a killed run
     torchrun --nproc_per_node 2 examples/ms_lesion/train.py --data DIR         # several processes (DDP)
 
-Defaults follow the paper (RSANet, MICCAI 2019): Adam lr 1e-3, weight decay 1e-5, batch 4, fixed-size
-random crops, 800 iterations, exponentially weighted cross-entropy with r = mean lesion fraction of
-the training subjects, filters 32..512. Without --data the synthetic "demo" cohort is generated
-(cached) and a small CPU preset is trained instead (the "demo without --data" values in --help).
+Adam lr 1e-3, weight decay 1e-5 and the exponentially weighted cross-entropy with r = mean lesion
+fraction of the training subjects (RSANet, MICCAI 2019) in every preset; --preset sets the rest:
+
+  preset  iterations  batch  crop          filters   lesion crops  lr schedule  s/iteration (2 CPU cores)
+  paper   800         4      32 128 128    32..512   0             constant     about 40 (a GPU preset)
+  cpu     300         2      64 64 64      16..256   0.5           poly         2.7
+  demo    150         2      32 64 64      4..64     0.5           constant     0.2
+
+Default: demo without --data (the synthetic demo cohort is generated and cached); with --data, paper
+on a CUDA device and cpu on the CPU (printed at the start). Explicit flags override single values.
 
 The run folder (--out) gets: checkpoint.pt (latest, for --resume), model.pt (final), log.csv,
 split.json, metrics.json, cases.csv, figure.png and predictions/<id>.npz (test-subject masks).
@@ -23,20 +29,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cli import Parser, add_data_options, add_inference_options, command, data_options, list_cases
+from cli import (
+    Parser, add_data_options, add_inference_options, add_runtime_options, command, data_options, list_cases,
+    select_device,
+)
 from loss import WEIGHTINGS
 from model import FILTER_PRESETS, METHODS
 from run import UsageError
-from training import DEMO, PAPER, run_training
+from training import LR_SCHEDULES, PRESETS, choose_preset, run_training
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(__doc__)
 
     def profile(key: str) -> str:
-        paper, demo = PAPER[key], DEMO[key]
-        show = (lambda v: " ".join(map(str, v))) if isinstance(paper, tuple) else str
-        return f"(default: {show(paper)}; demo without --data: {show(demo)})"
+        show = (lambda v: " ".join(map(str, v))) if isinstance(PRESETS["paper"][key], tuple) else str
+        return "(default: from --preset: " + ", ".join(f"{name} {show(v[key])}" for name, v in PRESETS.items()) + ")"
 
     parser.add_argument("--data", default=None, help="dataset folder (subject folders or nnU-Net layout); "
                         "default: generate the synthetic demo cohort in the cache and train the demo preset")
@@ -45,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, default=23 / 43,
                         help="held-out fraction of subjects when no --split is given (default: 23/43, the paper)")
     add_data_options(parser)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="the values below that are not given (see the table above; default: demo without "
+                        "--data, else paper on CUDA and cpu on the CPU)")
     model = parser.add_argument_group("model")
     model.add_argument("--method", choices=METHODS, default="rsa-010", help="network (default: rsa-010)")
     model.add_argument("--filters", default=None, help=f"filter preset {sorted(FILTER_PRESETS)} or comma-separated "
@@ -58,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--crop", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                        help=f"crop size, also the inference tile; multiples of 16 {profile('crop')}")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    train.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                       help=f"constant, or nnU-Net's polynomial decay lr*(1-i/iterations)^0.9 {profile('lr_schedule')}")
     train.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (default: 1e-5)")
     train.add_argument("--loss-weights", choices=WEIGHTINGS, default="swapped",
                        help="cross-entropy class weights: 'swapped' (lesion e^(1-r)/..., measured better, see "
@@ -81,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"iterations between evaluations of the held-out subjects, 0 = only at the end "
                      f"{profile('val_every')}")
     add_inference_options(run)
+    add_runtime_options(run)
     run.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                      help="CUDA autocast dtype; auto = bf16 where supported, else fp16; ignored on CPU (default: auto)")
     run.add_argument("--stop-at", type=int, default=None,
@@ -90,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the profile-dependent defaults (paper, or demo without --data) and check the values."""
-    profile = PAPER if args.data else DEMO
-    for key, value in profile.items():
+    """Fill the preset's defaults (``choose_preset``), say which preset and why, and check the values."""
+    args.preset, why = choose_preset(args, select_device(args.device))
+    if not args.list:
+        print(f"preset {args.preset} ({why})")
+    for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if isinstance(args.filters, str) and args.filters not in FILTER_PRESETS:

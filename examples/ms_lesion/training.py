@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cli import data_options, select_device
+from cli import configure_runtime, data_options, select_device
 from data import Case, DataOptions, check_lesion_masks, mean_lesion_fraction, resolve_normalisation, sample_crop
 from figures import save_comparison
 from inference import evaluate_cases
@@ -40,19 +40,23 @@ from run import (
     write_csv, write_json,
 )
 
-# Settings that differ between the paper defaults and the no-data demo. Everything else is shared.
-PAPER: dict[str, Any] = {
-    "iterations": 800, "batch_size": 4, "crop": (32, 128, 128), "filters": "paper",
-    "lesion_crop_fraction": 0.0, "val_every": 200,
+# train.py --preset: the values an explicit flag does not set. "paper" is the paper's protocol (for a GPU);
+# "cpu" the best measured configuration for 1 mm scans within 15 minutes on 2 CPU cores; "demo" the
+# no-data demo. docs/ms_lesion_training.md ("CPU or GPU") has the measurements that chose them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"iterations": 800, "batch_size": 4, "crop": (32, 128, 128), "filters": "paper",
+              "lesion_crop_fraction": 0.0, "val_every": 200, "lr_schedule": "constant"},
+    "cpu": {"iterations": 300, "batch_size": 2, "crop": (64, 64, 64), "filters": "half",
+            "lesion_crop_fraction": 0.5, "val_every": 0, "lr_schedule": "poly"},
+    "demo": {"iterations": 150, "batch_size": 2, "crop": (32, 64, 64), "filters": "tiny",
+             "lesion_crop_fraction": 0.5, "val_every": 75, "lr_schedule": "constant"},
 }
-DEMO: dict[str, Any] = {
-    "iterations": 150, "batch_size": 2, "crop": (32, 64, 64), "filters": "tiny",
-    "lesion_crop_fraction": 0.5, "val_every": 75,
-}
+LR_SCHEDULES: tuple[str, ...] = ("constant", "poly")
 DEMO_SUBJECTS = 12
 LOG_FIELDS = ("iteration", "loss", "seconds", "val_sample_dice", "val_voxel_dice", "val_voxel_lesion_f1")
 # Options that cannot change the trained weights or the metrics: they may differ on --resume.
 NEUTRAL_OPTIONS = frozenset({"no_progress", "checkpoint_every", "stop_at", "resume", "overwrite", "list", "device",
+                             "preset", "threads", "no_malloc_tuning",
                              "val_every", "out", "iterations", "data", "layout", "pattern", "resample", "label2",
                              "modalities", "normalisation"})
 
@@ -86,6 +90,25 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------------ setup
+
+
+def choose_preset(args: argparse.Namespace, device: torch.device) -> tuple[str, str]:
+    """The preset of a run and why: ``--preset``, else demo without ``--data``, else by the device."""
+    if args.preset is not None:
+        return args.preset, "--preset"
+    if args.data is None:
+        return "demo", "no --data: the synthetic demo"
+    if device.type == "cuda":
+        return "paper", f"--data on {device}: the paper's protocol"
+    return "cpu", "--data on the CPU: the CPU preset (--preset paper for the paper's protocol, about 9 h here)"
+
+
+def learning_rate(args: argparse.Namespace, iteration: int) -> float:
+    """The learning rate of ``iteration`` (1-based): constant, or nnU-Net's polynomial decay
+    ``lr * (1 - (iteration - 1) / iterations) ** 0.9``."""
+    if args.lr_schedule == "poly":
+        return args.lr * (1.0 - (iteration - 1) / args.iterations) ** 0.9
+    return args.lr
 
 
 def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
@@ -196,7 +219,7 @@ def build_training(args: argparse.Namespace, options: DataOptions, train_cases: 
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     criterion = WeightedCrossEntropy(r, args.loss_weights, distributed=distributed).to(device)
     meta = {"config": config, "crop": list(args.crop), "modalities": list(options.modalities), "r": r,
-            "loss_weights": args.loss_weights, "data": options.record()}
+            "loss_weights": args.loss_weights, "data": options.record(), "iterations": args.iterations}
     return network, optimizer, scaler, criterion, meta
 
 
@@ -217,6 +240,10 @@ def resume_or_start(run: Run) -> None:
     if changed:
         raise UsageError(f"--resume: the command differs from the run in {path}: " + "; ".join(changed)
                          + ". Resume with the recorded options, or start a new run (another --out, or --overwrite)")
+    if run.args.lr_schedule == "poly" and run.args.iterations != state.get("iterations"):
+        raise UsageError(f"--resume: --iterations {run.args.iterations} differs from the run's "
+                         f"{state.get('iterations')}, and the poly learning-rate schedule depends on it; give "
+                         f"--iterations {state.get('iterations')}")
     if run.args.iterations < state["iteration"]:
         raise UsageError(f"--resume: --iterations {run.args.iterations} is below the {state['iteration']} "
                          f"iterations {path} already trained; give --iterations {state['iteration']} or more")
@@ -252,6 +279,8 @@ def batch_for(iteration: int, cases: Sequence[Case], args: argparse.Namespace, r
 
 def train_step(run: Run, iteration: int) -> float:
     """One optimiser step on this iteration's crops; returns the loss of the whole global batch."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(run.args, iteration)
     image, label = batch_for(iteration, run.train_cases, run.args, run.rank, run.world)
     image, label = image.to(run.device, non_blocking=True), label.to(run.device, non_blocking=True)
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
@@ -309,10 +338,9 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     out = prepare_out_folder(args, rank == 0)
+    configure_runtime(args, processes=world if device.type == "cpu" else 1)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = False
@@ -333,13 +361,16 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         if run.main_process:
             out.mkdir(parents=True, exist_ok=True)
         stop = min(args.iterations, args.stop_at or args.iterations)
+        # smoothing=0: the time to the end from the mean of all iterations so far, stable from the first few.
         bar = tqdm(total=args.iterations, initial=run.start, disable=args.no_progress or not run.main_process,
-                   desc=args.method, dynamic_ncols=True)
+                   desc=args.method, dynamic_ncols=True, smoothing=0)
         network.train()
         for iteration in range(run.start + 1, stop + 1):
             tick = time.perf_counter()
             loss = train_step(run, iteration)
             run.elapsed += time.perf_counter() - tick
+            if iteration == run.start + 3 and run.main_process:
+                report_estimate(run, time.perf_counter() - tick, stop - iteration)
             on_iteration_end(run, iteration, loss, stop, bar)
         bar.close()
         if world > 1:
@@ -349,6 +380,12 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     if world > 1:
         dist.destroy_process_group()
     return result
+
+
+def report_estimate(run: Run, seconds: float, remaining: int) -> None:
+    """Print the expected training time once, from the third iteration (the first ones warm up)."""
+    tqdm.write(f"{seconds:.2f} s per iteration: about {seconds * remaining / 60:.0f} min of training to go "
+               f"({remaining} iterations{', plus validation' if run.args.val_every else ''})")
 
 
 def finish(run: Run) -> dict[str, Any]:

@@ -1,0 +1,219 @@
+"""What people read from the example: lesion tables and maps in world coordinates, probabilities, the
+component filter, mirroring TTA, the foreground crop, and the training presets and runtime settings."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cli
+import predict
+import train
+import training
+from data import CasePaths, DataOptions
+from inference import segment, sliding_window_probabilities
+from lesions import label_lesions, lesion_table, remove_small_lesions, voxel_volume_mm3
+from metrics import CONNECTIVITY_26
+from scipy import ndimage
+
+
+class FlairThreshold(nn.Module):
+    """A stand-in network: lesion where the FLAIR channel is above 1.5 (z-score), smoothly."""
+
+    def __init__(self, channel: int = 2) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lesion = 4.0 * (x[:, self.channel] - 1.5)
+        return torch.stack([torch.zeros_like(lesion), lesion], dim=1)
+
+
+def write_subject(folder: Path, affine: np.ndarray) -> None:
+    """A (x, y, z) = (24, 20, 12) subject, zero outside a box, with three bright FLAIR blobs of 1, 8 and 27 voxels."""
+    rng = np.random.default_rng(0)
+    brain = np.zeros((24, 20, 12), bool)
+    brain[2:22, 2:18, 1:11] = True
+    flair = np.where(brain, 100 + rng.normal(0, 1, brain.shape), 0)
+    for corner, size in (((4, 4, 3), 1), ((10, 10, 5), 2), ((16, 5, 6), 3)):
+        flair[tuple(slice(c, c + size) for c in corner)] = 400
+    folder.mkdir(parents=True)
+    for name, data in (("t1", np.where(brain, 90 + rng.normal(0, 1, brain.shape), 0)),
+                       ("t2", np.where(brain, 80 + rng.normal(0, 1, brain.shape), 0)), ("flair", flair)):
+        nib.save(nib.Nifti1Image(data.astype(np.float32), affine), folder / f"{name}.nii.gz")
+
+
+AFFINE = np.array([[-1.0, 0, 0, 30], [0, 1.5, 0, -20], [0, 0, 3.0, -10], [0, 0, 0, 1]])  # LAS, anisotropic
+
+
+def run_predict_case(tmp_path: Path, **options) -> tuple[dict, Path]:
+    write_subject(tmp_path / "data" / "s1", AFFINE)
+    data = DataOptions(normalisation="foreground")
+    (paths,) = data.find(tmp_path / "data", require_mask=False)
+    args = argparse.Namespace(overlap=0.5, tta=False, min_lesion_size=0.0, probabilities=True, label_lesions=True)
+    vars(args).update(options)
+    out = tmp_path / "out"
+    row = predict.predict_case(FlairThreshold(), paths, out, {"crop": [16, 16, 16]}, data, args, torch.device("cpu"))
+    return row, out
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_lesion_table_and_maps_agree_with_the_mask_in_world_coordinates(tmp_path: Path) -> None:
+    row, out = run_predict_case(tmp_path)
+    mask = nib.load(out / "s1.nii.gz")
+    labels = nib.load(out / "s1_lesions.nii.gz")
+    probability = nib.load(out / "s1_prob.nii.gz")
+    source = nib.load(tmp_path / "data" / "s1" / "flair.nii.gz")
+    for image in (mask, labels, probability):  # the source grid, not the model's
+        assert image.shape == source.shape and np.allclose(image.affine, source.affine)
+    assert mask.get_data_dtype() == np.uint8 and labels.get_data_dtype() == np.uint16
+    assert probability.get_data_dtype() == np.float32
+    m, lab, p = (np.asanyarray(i.dataobj) for i in (mask, labels, probability))
+    np.testing.assert_array_equal(p > 0.5, m == 1)  # thresholded probabilities are the mask
+    np.testing.assert_array_equal(lab > 0, m == 1)
+    rows = read_rows(out / "s1_lesions.csv")
+    assert [int(r["label"]) for r in rows] == [1, 2, 3] and row["lesions"] == 3
+    voxel_ml = 1.5 * 3.0 / 1000
+    assert [float(r["volume_ml"]) for r in rows] == pytest.approx([27 * voxel_ml, 8 * voxel_ml, 1 * voxel_ml])
+    for r in rows:  # each centroid is the world position of its component's voxel centroid
+        ijk = np.argwhere(lab == int(r["label"])).mean(0)
+        world = AFFINE @ np.append(ijk, 1.0)
+        assert [float(r[f"centroid_{a}_mm"]) for a in "xyz"] == pytest.approx(world[:3], abs=0.01)
+        assert float(r["max_probability"]) == pytest.approx(p[lab == int(r["label"])].max(), abs=1e-4)
+    assert row["volume_ml"] == pytest.approx(36 * voxel_ml) and row["largest_ml"] == pytest.approx(27 * voxel_ml)
+    assert row["mean_probability"] == pytest.approx(p[m == 1].mean(), abs=1e-4)
+
+
+def test_min_lesion_size_removes_components_by_world_volume(tmp_path: Path) -> None:
+    # One voxel is 4.5 mm^3: the 1-voxel lesion goes below 5 mm^3, the 8-voxel one (36 mm^3) stays until 37.
+    row, out = run_predict_case(tmp_path, min_lesion_size=5.0)
+    assert row["lesions"] == 2
+    assert [float(r["volume_ml"]) for r in read_rows(out / "s1_lesions.csv")] == pytest.approx([0.1215, 0.036])
+    mask = np.zeros((5, 5, 5), np.uint8)
+    mask[0, 0, 0] = mask[2:4, 2:4, 2:4] = 1
+    assert remove_small_lesions(mask, np.diag([2.0, 2.0, 2.0, 1.0]), 8.0).sum() == 8  # 8 mm^3 kept (>=)
+    assert remove_small_lesions(mask, np.diag([2.0, 2.0, 2.0, 1.0]), 65.0).sum() == 0
+    with pytest.raises(ValueError, match="min_mm3 must be >= 0"):
+        remove_small_lesions(mask, np.eye(4), -1)
+
+
+def test_label_lesions_26_connectivity_and_size_order() -> None:
+    mask = np.zeros((6, 6, 6), np.uint8)
+    mask[0, 0, 0] = mask[1, 1, 1] = 1  # diagonal neighbours: one lesion
+    mask[4:6, 4:6, 4:6] = 1
+    labels, count = label_lesions(mask)
+    assert count == 2 and labels.dtype == np.uint16
+    assert (labels == 1).sum() == 8 and (labels == 2).sum() == 2
+    assert count == ndimage.label(mask, structure=CONNECTIVITY_26)[1]
+    assert lesion_table(labels, 0, np.zeros(mask.shape), np.eye(4)) == []
+    assert voxel_volume_mm3(AFFINE) == pytest.approx(4.5)
+
+
+def test_mirroring_tta_and_the_foreground_crop() -> None:
+    image = np.zeros((3, 20, 24, 28), np.float32)
+    image[:, 3:17, 4:20, 5:22] = np.random.default_rng(0).normal(size=(3, 14, 16, 17))
+    # A voxel-wise model is mirror-equivariant: TTA changes nothing; the crop changes nothing inside the box.
+    plain = sliding_window_probabilities(FlairThreshold(), image, (16, 16, 16))
+    probability, mask = segment(FlairThreshold(), image, (16, 16, 16), mirror=True)
+    inside = (slice(3, 17), slice(4, 20), slice(5, 22))
+    np.testing.assert_allclose(probability[inside], plain[1][inside].numpy(), atol=1e-6)
+    assert not probability[0].any() and not mask[:3].any()  # outside the non-zero box: background
+    np.testing.assert_array_equal(mask, probability > 0.5)
+    # A model that looks at a neighbour is not: TTA averages the mirrored views.
+    shifted = nn.Conv3d(3, 2, 3, padding=1, bias=False)
+    with torch.no_grad():
+        shifted.weight.zero_()
+        shifted.weight[1, 2, 0, 1, 1] = 4.0
+    a, _ = segment(shifted, image, (16, 16, 16))
+    b, _ = segment(shifted, image, (16, 16, 16), mirror=True)
+    assert np.abs(a - b).max() > 0.05
+
+
+# ------------------------------------------------------------------------------------------ presets, runtime
+
+
+def resolved(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[argparse.Namespace, str]:
+    args = train.resolve(train.build_parser().parse_args(argv))
+    return args, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", ["paper", "cpu", "demo"])
+def test_presets_apply_and_explicit_flags_override(preset: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args, printed = resolved(["--data", str(tmp_path), "--preset", preset, "--device", "cpu"], capsys)
+    assert f"preset {preset} (--preset)" in printed
+    for key, value in training.PRESETS[preset].items():
+        assert getattr(args, key) == value, key
+    args, _ = resolved(["--data", str(tmp_path), "--preset", preset, "--iterations", "7", "--crop", "16", "16", "16",
+                        "--lr-schedule", "constant"], capsys)
+    assert (args.iterations, args.crop, args.lr_schedule) == (7, (16, 16, 16), "constant")
+    assert args.batch_size == training.PRESETS[preset]["batch_size"]
+
+
+def test_default_preset_follows_data_and_device(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolved([], capsys)[0].preset == "demo"
+    args, printed = resolved(["--data", str(tmp_path), "--device", "cpu"], capsys)
+    assert args.preset == "cpu" and "--data on the CPU" in printed and args.filters == "half"
+    cuda = argparse.Namespace(preset=None, data=str(tmp_path))
+    assert training.choose_preset(cuda, torch.device("cuda", 0))[0] == "paper"
+    text = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in training.PRESETS:
+        assert f"\n  {name} " in text  # the preset table of --help
+
+
+def test_poly_learning_rate_decays_to_zero_and_constant_stays() -> None:
+    args = argparse.Namespace(lr=1e-3, iterations=100, lr_schedule="poly")
+    assert training.learning_rate(args, 1) == pytest.approx(1e-3)
+    assert training.learning_rate(args, 51) == pytest.approx(1e-3 * 0.5**0.9)
+    assert 0 < training.learning_rate(args, 100) < 2e-5
+    args.lr_schedule = "constant"
+    assert training.learning_rate(args, 100) == 1e-3
+
+
+def test_threads_default_to_the_affinity_mask_and_a_busy_machine_warns(monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        args = argparse.Namespace(threads=None, no_malloc_tuning=True)
+        assert cli.configure_runtime(args) == cli.usable_cores() == torch.get_num_threads()
+        assert capsys.readouterr().err == ""
+        monkeypatch.setattr(os, "getloadavg", lambda: (cli.usable_cores() + 3.0, 0.0, 0.0))
+        args.threads = 1
+        assert cli.configure_runtime(args) == 1 == torch.get_num_threads()
+        assert "warning: the load average is" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not Path("/lib/x86_64-linux-gnu/libc.so.6").exists() and not Path("/lib64/libc.so.6").exists(),
+                    reason="glibc only")
+def test_allocator_tuning_applies_on_glibc_and_respects_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cli.tune_allocator() is True
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
+    assert cli.tune_allocator() is False
+
+
+@pytest.mark.slow
+def test_mni_preset_is_the_1mm_grid_and_skull_stripped() -> None:
+    from synthetic import generate_case
+
+    case = generate_case(0, preset="mni", seed=0)
+    assert case.label.shape == (182, 218, 182) and case.spacing == (1.0, 1.0, 1.0)
+    for image in case.images.values():
+        assert not image[case.brain_mask == 0].any() and image[case.brain_mask > 0].mean() > 100
