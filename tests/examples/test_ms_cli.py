@@ -22,8 +22,8 @@ from data import default_roles, find_cases
 from synthetic import make_cohort
 
 EXAMPLE = Path(train.__file__).resolve().parent
-TINY = ["--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2", "--no-progress", "--val-every", "0",
-        "--lesion-crop-fraction", "0.5"]
+TINY = ["--preset", "demo", "--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2", "--no-progress",
+        "--val-every", "0", "--lesion-crop-fraction", "0.5"]
 # A real-world naming of the synthetic cohort's files (t1, t2, flair, mask, brain_mask), one per subject.
 NAMINGS = [
     {"t1": "sub-01_space-FLAIR_T1w", "t2": "sub-01_T2w", "flair": "sub-01_FLAIR",
@@ -37,7 +37,8 @@ NAMINGS = [
 
 
 def one_error_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
-    err = capsys.readouterr().err.strip()
+    # A busy machine adds a "warning: the load average is ..." line (cli.configure_runtime); it is not an error.
+    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: "))
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     for fragment in fragments:
         assert fragment in err, err
@@ -276,11 +277,24 @@ def test_resume_compares_every_option_that_changes_the_result(cohort: Path, tmp_
         one_error_line(capsys, "--resume: the command differs", f"--{change[0][2:]}")
     assert train.main([*args, "--resume", "--iterations", "1"]) == 2
     one_error_line(capsys, "--iterations 1 is below the 2 iterations")
+    assert train.main([*args, "--resume", "--lr-schedule", "poly"]) == 2
+    one_error_line(capsys, "--lr-schedule: recorded 'constant', now 'poly'")
     assert train.main([*args, "--resume", "--method", "ncl-010"]) == 2
     one_error_line(capsys, "holds a rsa-010 network with filters [4, 8, 16, 32, 64]")
     # Options that cannot change the result may differ.
     assert train.main([*args, "--resume", "--checkpoint-every", "3"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 4
+
+
+def test_resume_keeps_the_iterations_a_poly_schedule_depends_on(cohort: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    args = ["--data", str(cohort), "--test-fraction", "0.5", "--out", str(tmp_path / "run"), *TINY,
+            "--lr-schedule", "poly"]
+    assert train.main([*args, "--iterations", "3", "--stop-at", "1", "--checkpoint-every", "1"]) == 0
+    capsys.readouterr()
+    assert train.main([*args, "--iterations", "5", "--resume"]) == 2
+    one_error_line(capsys, "--iterations 5 differs from the run's 3", "poly learning-rate schedule")
+    assert train.main([*args, "--iterations", "3", "--resume"]) == 0
 
 
 def test_splits_with_overlapping_or_unknown_ids_are_refused(cohort: Path, tmp_path: Path,

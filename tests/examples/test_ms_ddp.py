@@ -20,7 +20,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     # process's own weight sum instead moved the weights by 6e-3 after 6 steps.
     args = ["--data", str(cohort), "--method", "rsa-010", "--filters", "tiny", "--crop", "16", "32", "32",
             "--batch-size", "2", "--iterations", "6", "--test-fraction", "0", "--lesion-crop-fraction", "0.5",
-            "--val-every", "0", "--no-progress", "--device", "cpu"]
+            "--val-every", "0", "--no-progress", "--device", "cpu", "--lr-schedule", "constant"]
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TRAIN),
          *args, "--out", str(tmp_path / "ddp")],

@@ -72,7 +72,7 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture) -> None:
     for flag in ("--data", "--method", "--iterations", "--batch-size", "--crop", "--lr", "--weight-decay",
                  "--loss-weights", "--resume", "--device", "--amp", "--seed", "--out"):
         assert flag in text
-    assert "default: 800" in text and "1e-3" in text and "1e-5" in text
+    assert "paper 800" in text and "1e-3" in text and "1e-5" in text
 
 
 def test_training_writes_the_run_folder(rsa_run: Path) -> None:
@@ -128,7 +128,8 @@ def test_predict_writes_masks_in_the_original_geometry(rsa_run: Path, cohort: Pa
     err = capsys.readouterr().err
     assert code == 1 and "subject sub-002" in err and "flair" in err
     assert "subject sub-003" in err and "t2" in err
-    assert sorted(p.name for p in out.iterdir()) == ["sub-001.nii.gz"]  # no temporary files left behind
+    # no temporary files left behind
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "sub-001.nii.gz", "sub-001_lesions.csv"]
     mask = nib.load(out / "sub-001.nii.gz")
     source = nib.load(cohort / "sub-001" / "flair.nii.gz")
     assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
