@@ -6,7 +6,7 @@ the reference (or the reference itself), yellow for false positives, blue for mi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from inference import StepAttention  # noqa: E402
 from metrics import case_scores  # noqa: E402
 from run import save_atomically  # noqa: E402
 
@@ -83,6 +84,52 @@ def save_comparison(
         axis.set_title(label, fontsize=9)
         axis.axis("off")
     figure.suptitle(f"{title}  slice {index} (red: agrees, yellow: false positive, blue: missed)", fontsize=8)
+    figure.tight_layout()
+    save_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
+    plt.close(figure)
+    return Path(path)
+
+
+def save_attention_figure(
+    path: str | Path,
+    image: np.ndarray,
+    label: np.ndarray,
+    steps: Sequence[StepAttention],
+    *,
+    title: str = "",
+    dpi: int = 110,
+) -> Path:
+    """Where the RSA block's three steps look from one lesion (``inference.lesion_attention``).
+
+    Args:
+        path: output PNG, written atomically.
+        image: ``(d, h, w)`` FLAIR tile centred on the lesion.
+        label: ``(d, h, w)`` reference labels of the tile.
+        steps: the block's steps, in order.
+        title: figure title.
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+    """
+    figure, axes = plt.subplots(1, len(steps) + 1, figsize=(3.0 * (len(steps) + 1), 2.9), squeeze=False)
+    index = pick_slice(label)
+    limits = np.percentile(image[index], [1, 99.5])
+    axes[0, 0].imshow(image[index], cmap="gray", vmin=limits[0], vmax=limits[1], origin="lower")
+    if (label[index] == 1).any():
+        axes[0, 0].contour(label[index] == 1, levels=[0.5], colors="red", linewidths=0.7, origin="lower")
+    axes[0, 0].set_title(f"FLAIR, slice {index} of the tile", fontsize=8)
+    axes[0, 0].axis("off")
+    for number, (axis, step) in enumerate(zip(axes[0, 1:], steps), start=1):
+        offsets = (np.arange(step.weights.size) - step.lesion_slice) * step.mm_per_slice
+        colours = ["red" if j == step.lesion_slice else "tab:blue" for j in range(step.weights.size)]
+        axis.bar(offsets, step.weights, width=step.mm_per_slice * 0.8, color=colours)
+        axis.set_xlabel(f"{step.axis} offset from the lesion (mm)", fontsize=7)
+        axis.set_ylim(0, 1)
+        axis.tick_params(labelsize=7)
+        axis.set_title(f"step {number}: along the {step.axis} axis", fontsize=8)
+    axes[0, 1].set_ylabel("attention of the lesion's slice", fontsize=7)
+    figure.suptitle(f"{title}  RSA attention from the largest lesion (red bar: its own slice)", fontsize=8)
     figure.tight_layout()
     save_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
     plt.close(figure)

@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import Tensor, nn
 
 from data import Case
 from lesions import remove_small_lesions
-from metrics import case_counts, scores, summarise
+from metrics import CONNECTIVITY_26, case_counts, scores, summarise
+from sliceattn import RecurrentSliceAttention3d
 
 
 def gaussian_weight(size: Sequence[int], sigma_scale: float = 1 / 8) -> Tensor:
@@ -211,3 +214,54 @@ def evaluate_cases(
                      "reference_voxels": count.tp + count.fn})
         predictions[case.id] = mask
     return summarise(counts), rows, predictions
+
+
+@dataclass(frozen=True)
+class StepAttention:
+    """Where one RSA step's map sends a lesion's slice: ``weights[j]`` for every slice ``j`` of its axis."""
+
+    axis: str               # "axial", "coronal" or "sagittal"
+    dim: int                # 2, 3 or 4 in (B, C, D, H, W)
+    lesion_slice: int       # the lesion's slice index at the block's resolution
+    weights: np.ndarray     # (L,) the map's row of that slice, sums to 1
+    mm_per_slice: float     # slice spacing at the block's resolution
+
+
+@torch.no_grad()
+def lesion_attention(model: nn.Module, case: Case, tile: Sequence[int]) -> tuple[list[StepAttention], tuple[slice, ...]]:
+    """The first RSA block's maps (``save_attention``) on a tile centred on the case's largest lesion.
+
+    Args:
+        model: a U-Net with at least one ``RecurrentSliceAttention3d`` block, in eval mode.
+        case: a labelled case with at least one lesion voxel.
+        tile: the tile size ``(d, h, w)`` (the training crop).
+
+    Returns:
+        One ``StepAttention`` per step in step order, and the tile's ``(D, H, W)`` slices in the case.
+    """
+    block = next((m for m in model.modules() if isinstance(m, RecurrentSliceAttention3d)), None)
+    if block is None or case.label is None or not (case.label == 1).any():
+        raise ValueError("lesion_attention needs a model with an RSA block and a case with a lesion")
+    components, _ = ndimage.label(case.label == 1, structure=CONNECTIVITY_26)
+    largest = np.bincount(components.ravel())[1:].argmax() + 1
+    centre = np.argwhere(components == largest).mean(0).round().astype(int)
+    shape = case.image.shape[1:]
+    starts = [int(np.clip(c - t // 2, 0, max(n - t, 0))) for c, t, n in zip(centre, tile, shape)]
+    box = tuple(slice(b, b + t) for b, t in zip(starts, tile))
+    patch = np.zeros((case.image.shape[0], *tile), np.float32)
+    inside = case.image[(slice(None), *box)]
+    patch[(slice(None), *(slice(0, n) for n in inside.shape[1:]))] = inside
+    block.save_attention = True
+    try:
+        model(torch.from_numpy(patch)[None].to(next(model.parameters()).device))
+        maps = block.attention_maps
+    finally:
+        block.save_attention = False
+    steps = []
+    for dim, attention in zip(block.dims, maps):
+        axis = dim - 2
+        length = attention.shape[-1]
+        row = min(int((centre[axis] - starts[axis]) * length / tile[axis]), length - 1)
+        steps.append(StepAttention(block.order[len(steps)], dim, row, attention[0, row].float().cpu().numpy(),
+                                   case.spacing[axis] * tile[axis] / length))
+    return steps, box

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "model.pt", "log.csv", "split.json", "metrics.json", "cases.csv",
-                              "figure.png")
+                              "figure.png", "attention.png")
 PREDICTIONS = "predictions"
 
 

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from cli import configure_runtime, data_options, select_device
 from data import Case, DataOptions, check_lesion_masks, mean_lesion_fraction, resolve_normalisation, sample_crop
-from figures import save_comparison
-from inference import evaluate_cases
+from figures import save_attention_figure, save_comparison
+from inference import evaluate_cases, lesion_attention
 from loss import WeightedCrossEntropy, class_weights
 from model import build_model, model_config, read_checkpoint, set_output_prior, training_memory_bytes
 from run import (
@@ -411,6 +411,10 @@ def finish(run: Run) -> dict[str, Any]:
         flair = shown.modalities.index("flair") if "flair" in shown.modalities else 0
         save_comparison(out / "figure.png", shown.image[flair], shown.label, {args.method: predictions[shown.id]},
                         title=shown.id)
+        if args.method.startswith("rsa"):
+            steps, box = lesion_attention(run.network, shown, args.crop)
+            save_attention_figure(out / "attention.png", shown.image[(flair, *box)], shown.label[box], steps,
+                                  title=shown.id)
     write_log(out / "log.csv", run.log)
     write_json(out / "metrics.json", result)
     print(f"model:   {model_path}")

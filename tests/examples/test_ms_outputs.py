@@ -141,6 +141,35 @@ def test_mirroring_tta_and_the_foreground_crop() -> None:
     assert np.abs(a - b).max() > 0.05
 
 
+def test_attention_figure_reads_the_rsa_maps_around_the_largest_lesion(tmp_path: Path) -> None:
+    from data import Case
+    from figures import save_attention_figure
+    from inference import lesion_attention
+    from model import build_model
+    from sliceattn import RecurrentSliceAttention3d
+
+    rng = np.random.default_rng(0)
+    label = np.zeros((40, 48, 64), np.uint8)
+    label[30:33, 10:14, 50:55] = 1  # the largest lesion, near a corner: the tile is shifted to stay inside
+    label[5, 5, 5] = 1
+    case = Case("c", rng.normal(size=(3, 40, 48, 64)).astype(np.float32), label, np.ones(label.shape, bool),
+                (3.0, 1.0, 1.0), ("t1", "t2", "flair"))
+    model = build_model("rsa-111", filters="tiny").eval()
+    steps, box = lesion_attention(model, case, (16, 32, 32))
+    block = next(m for m in model.modules() if isinstance(m, RecurrentSliceAttention3d))
+    assert [s.axis for s in steps] == list(block.order) and not block.save_attention
+    assert [s.dim for s in steps] == list(block.dims)
+    assert box == (slice(23, 39), slice(0, 32), slice(32, 64))  # centred on d = 31, shifted inside in h and w
+    for step in steps:
+        assert step.weights.sum() == pytest.approx(1.0, abs=1e-5) and 0 <= step.lesion_slice < step.weights.size
+    # encoder block of the second-bottom level: (16, 32, 32) / 8 -> (2, 4, 4) slices of 24, 8, 8 mm
+    assert {s.axis: s.mm_per_slice for s in steps} == {"axial": 24.0, "coronal": 8.0, "sagittal": 8.0}
+    path = save_attention_figure(tmp_path / "a.png", case.image[2][box], label[box], steps, title="c")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="needs a model with an RSA block"):
+        lesion_attention(build_model("unet", filters="tiny"), case, (16, 32, 32))
+
+
 # ------------------------------------------------------------------------------------------ presets, runtime
 
 

@@ -76,7 +76,8 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_training_writes_the_run_folder(rsa_run: Path) -> None:
-    for name in ("model.pt", "checkpoint.pt", "log.csv", "metrics.json", "cases.csv", "figure.png", "split.json"):
+    for name in ("model.pt", "checkpoint.pt", "log.csv", "metrics.json", "cases.csv", "figure.png", "split.json",
+                 "attention.png"):
         assert (rsa_run / name).is_file(), name
     log = (rsa_run / "log.csv").read_text().splitlines()
     assert len(log) == 5 and log[0].startswith("iteration,loss")
