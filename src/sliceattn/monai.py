@@ -29,9 +29,32 @@ from .nnunet.plans import build_attention
 __all__ = ["RSABasicUNet", "RSADynUNet", "RSAUNet"]
 
 
-def _check_3d(spatial_dims: int, network: str) -> None:
-    if spatial_dims != 3:
-        raise ValueError(f"{network} puts a 3-D attention block in the network: spatial_dims must be 3, got {spatial_dims!r}")
+class _BottomAttention:
+    """Shared part of the MONAI subclasses: checks, the options, and where the block goes."""
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        *args: Any,
+        attention: str = "rsa",
+        attention_kwargs: Optional[Mapping[str, Any]] = None,
+        **kwargs: Any,
+    ) -> None:
+        if spatial_dims != 3:
+            raise ValueError(
+                f"{type(self).__name__} puts a 3-D attention block in the network: spatial_dims must be 3, got {spatial_dims!r}"
+            )
+        # before the MONAI __init__: UNet's calls _get_bottom_layer, which builds the block
+        self.attention_options = (attention, attention_kwargs)
+        super().__init__(spatial_dims, *args, **kwargs)  # the MONAI network
+        self._insert_attention()
+
+    def _attention_block(self, channels: int) -> nn.Module:
+        attention, attention_kwargs = self.attention_options
+        return build_attention(attention, channels, attention_kwargs)
+
+    def _insert_attention(self) -> None:
+        """Add the block after MONAI's ``__init__`` (and its weight initialisation)."""
 
 
 def _define(name: str) -> type:
@@ -41,7 +64,7 @@ def _define(name: str) -> type:
     except ImportError as error:
         raise ImportError(f"sliceattn.monai.{name} needs MONAI: pip install 'sliceattn[monai]'") from error
 
-    class RSAUNet(nets.UNet):
+    class RSAUNet(_BottomAttention, nets.UNet):
         """``monai.networks.nets.UNet`` with an attention block after its bottom layer.
 
         Args:
@@ -54,25 +77,11 @@ def _define(name: str) -> type:
             ``(B, in_channels, D, H, W)`` -> ``(B, out_channels, D, H, W)``.
         """
 
-        def __init__(
-            self,
-            spatial_dims: int,
-            *args: Any,
-            attention: str = "rsa",
-            attention_kwargs: Optional[Mapping[str, Any]] = None,
-            **kwargs: Any,
-        ) -> None:
-            _check_3d(spatial_dims, "RSAUNet")
-            # UNet.__init__ calls _get_bottom_layer, so the options must be in place before it
-            self.attention_options = (attention, attention_kwargs)
-            super().__init__(spatial_dims, *args, **kwargs)
-
         def _get_bottom_layer(self, in_channels: int, out_channels: int) -> nn.Module:
             bottom = super()._get_bottom_layer(in_channels, out_channels)
-            attention, attention_kwargs = self.attention_options
-            return nn.Sequential(bottom, build_attention(attention, out_channels, attention_kwargs))
+            return nn.Sequential(bottom, self._attention_block(out_channels))
 
-    class RSADynUNet(nets.DynUNet):
+    class RSADynUNet(_BottomAttention, nets.DynUNet):
         """``monai.networks.nets.DynUNet`` (the nnU-Net-like MONAI network) with an attention block after its bottleneck.
 
         The block is added after ``DynUNet`` initialises its convolutions (``initialize_weights``),
@@ -87,23 +96,14 @@ def _define(name: str) -> type:
             ``(B, in_channels, D, H, W)`` -> ``(B, out_channels, D, H, W)`` (stacked heads with deep supervision in training).
         """
 
-        def __init__(
-            self,
-            spatial_dims: int,
-            *args: Any,
-            attention: str = "rsa",
-            attention_kwargs: Optional[Mapping[str, Any]] = None,
-            **kwargs: Any,
-        ) -> None:
-            _check_3d(spatial_dims, "RSADynUNet")
-            super().__init__(spatial_dims, *args, **kwargs)
-            # the skip layers hold this Sequential itself, so appending reaches the forward pass
-            self.bottleneck.append(build_attention(attention, self.filters[-1], attention_kwargs))
-
         def get_bottleneck(self) -> nn.Sequential:
             return nn.Sequential(super().get_bottleneck())
 
-    class RSABasicUNet(nets.BasicUNet):
+        def _insert_attention(self) -> None:
+            # the skip layers hold this Sequential itself, so appending reaches the forward pass
+            self.bottleneck.append(self._attention_block(self.filters[-1]))
+
+    class RSABasicUNet(_BottomAttention, nets.BasicUNet):
         """``monai.networks.nets.BasicUNet`` with an attention block after ``down_4`` (its bottom).
 
         Args:
@@ -115,18 +115,9 @@ def _define(name: str) -> type:
             ``(B, in_channels, D, H, W)`` -> ``(B, out_channels, D, H, W)``; D, H, W divisible by 16.
         """
 
-        def __init__(
-            self,
-            spatial_dims: int = 3,
-            *args: Any,
-            attention: str = "rsa",
-            attention_kwargs: Optional[Mapping[str, Any]] = None,
-            **kwargs: Any,
-        ) -> None:
-            _check_3d(spatial_dims, "RSABasicUNet")
-            super().__init__(spatial_dims, *args, **kwargs)
+        def _insert_attention(self) -> None:
             channels = [m for m in self.down_4.modules() if isinstance(m, nn.Conv3d)][-1].out_channels
-            self.down_4 = nn.Sequential(self.down_4, build_attention(attention, channels, attention_kwargs))
+            self.down_4 = nn.Sequential(self.down_4, self._attention_block(channels))
 
     classes = {"RSAUNet": RSAUNet, "RSADynUNet": RSADynUNet, "RSABasicUNet": RSABasicUNet}
     for cls in classes.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,14 @@ def test_library_call_does_not_modify_its_input() -> None:
     plans = copy.deepcopy(PLANS)
     add_attention_configuration(plans, "x", "3d_fullres", attention_kwargs={"order": [3, 4, 2]})
     assert plans == PLANS
+
+
+def test_networks_without_the_extra_name_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sliceattn.nnunet
+
+    monkeypatch.setitem(sys.modules, "dynamic_network_architectures.architectures.unet", None)
+    monkeypatch.delitem(sys.modules, "sliceattn.nnunet.networks", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'sliceattn\[nnunet\]'"):
+        sliceattn.nnunet.AttentionPlainConvUNet
+    with pytest.raises(AttributeError, match="has no attribute 'AttentionUNet'"):
+        sliceattn.nnunet.AttentionUNet

@@ -68,9 +68,15 @@ class _EncoderAttention:
     decoder: nn.Module
     attention: nn.ModuleList
 
-    def _add_attention(
-        self, attention: str, attention_stages: Union[int, Sequence[int]], attention_kwargs: Optional[Mapping[str, Any]]
+    def __init__(
+        self,
+        *args: Any,
+        attention: str = "rsa",
+        attention_stages: Union[int, Sequence[int]] = (-1,),
+        attention_kwargs: Optional[Mapping[str, Any]] = None,
+        **kwargs: Any,
     ) -> None:
+        super().__init__(*args, **kwargs)  # the dynamic_network_architectures network
         if self.encoder.conv_op is not nn.Conv3d:
             raise ValueError(
                 f"{type(self).__name__} needs conv_op=torch.nn.Conv3d (a 3-D configuration), "
@@ -148,17 +154,6 @@ class AttentionPlainConvUNet(_EncoderAttention, PlainConvUNet):
         decoder level with ``deep_supervision=True``.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        attention: str = "rsa",
-        attention_stages: Union[int, Sequence[int]] = (-1,),
-        attention_kwargs: Optional[Mapping[str, Any]] = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._add_attention(attention, attention_stages, attention_kwargs)
-
 
 class AttentionResidualEncoderUNet(_EncoderAttention, ResidualEncoderUNet):
     """nnU-Net's ``ResidualEncoderUNet`` (the ResEnc presets) with slice-wise attention.
@@ -170,15 +165,4 @@ class AttentionResidualEncoderUNet(_EncoderAttention, ResidualEncoderUNet):
     Shape:
         as :class:`AttentionPlainConvUNet`.
     """
-
-    def __init__(
-        self,
-        *args: Any,
-        attention: str = "rsa",
-        attention_stages: Union[int, Sequence[int]] = (-1,),
-        attention_kwargs: Optional[Mapping[str, Any]] = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._add_attention(attention, attention_stages, attention_kwargs)
 
