@@ -176,8 +176,8 @@ def add_postprocessing_options(parser: argparse.ArgumentParser | argparse._Argum
 def add_runtime_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--threads`` and ``--no-malloc-tuning``: how the process uses the CPU and memory."""
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads of torch (default: the cores this process may use; with N processes "
-                        "under torchrun, that number divided by N)")
+                        help="CPU threads of torch (default: $OMP_NUM_THREADS if set, else the cores this process "
+                        "may use; with N processes under torchrun, that number divided by N)")
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="keep glibc's default allocator settings (default: large tensors come from the heap "
                         "instead of a fresh mmap each time, as MALLOC_MMAP_MAX_=0 does: faster CPU training steps)")
@@ -215,7 +215,11 @@ def configure_runtime(args: argparse.Namespace, processes: int = 1) -> int:
         The number of torch threads.
     """
     cores = usable_cores()
-    threads = args.threads or max(1, cores // processes)
+    chosen = args.threads if args.threads is not None else os.environ.get("OMP_NUM_THREADS", "").strip()
+    try:
+        threads = int(chosen) if chosen != "" else max(1, cores // processes)
+    except ValueError:
+        raise UsageError(f"OMP_NUM_THREADS={chosen!r} is not a number of threads") from None
     if threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
@@ -239,4 +243,7 @@ def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
         except (UsageError, DataError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # the output went to a pager or `head` that closed early
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python's documented recipe)
+            return 0
     return wrapped

@@ -219,9 +219,12 @@ def test_threads_default_to_the_affinity_mask_and_a_busy_machine_warns(monkeypat
     before = torch.get_num_threads()
     try:
         monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         args = argparse.Namespace(threads=None, no_malloc_tuning=True)
         assert cli.configure_runtime(args) == cli.usable_cores() == torch.get_num_threads()
         assert capsys.readouterr().err == ""
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice is kept
+        assert cli.configure_runtime(args) == 1 == torch.get_num_threads()
         monkeypatch.setattr(os, "getloadavg", lambda: (cli.usable_cores() + 3.0, 0.0, 0.0))
         args.threads = 1
         assert cli.configure_runtime(args) == 1 == torch.get_num_threads()
