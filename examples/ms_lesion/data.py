@@ -325,6 +325,16 @@ def find_cases(
     return sorted(cases, key=lambda c: c.id)
 
 
+def read_json(path: Path, what: str) -> Any:
+    """The JSON in ``path``; a missing or unreadable file is a ``DataError`` naming ``what`` and the path."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {what} {path}: {exc}") from exc
+
+
 def _rule(role: str, patterns: Mapping[str, str]) -> str:
     return f"pattern {patterns[role]!r}" if role in patterns else "the built-in rule"
 
@@ -334,12 +344,7 @@ def _find_nnunet(
 ) -> Iterator[tuple[str, CasePaths | DataError]]:
     """Each case id with its paths, or with the error that makes it unusable."""
     meta_path = root / "dataset.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"nnU-Net layout needs {meta_path}, which does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {meta_path}: {exc}") from exc
+    meta = read_json(meta_path, "the nnU-Net layout's file")
     channels = meta.get("channel_names", meta.get("modality"))
     if not isinstance(channels, dict) or not channels:
         raise DataError(f"{meta_path} has no 'channel_names' (nnU-Net v2) or 'modality' (MSD) mapping")

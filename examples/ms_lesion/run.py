@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from data import read_json
+
 RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "model.pt", "log.csv", "split.json", "metrics.json", "cases.csv",
                               "figure.png", "attention.png")
 PREDICTIONS = "predictions"
@@ -101,14 +103,8 @@ def random_split(ids: Sequence[str], test_fraction: float, seed: int) -> dict[st
 
 
 def read_split(path: str | Path) -> dict[str, list[str]]:
-    """A split file ``{"train": [ids], "test": [ids]}``; a missing or malformed file is a ``UsageError``."""
-    path = Path(path)
-    try:
-        split = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"split file {path} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read split file {path}: {exc}") from exc
+    """A split file ``{"train": [ids], "test": [ids]}``; a missing, unreadable or malformed file is an error."""
+    split = read_json(Path(path), "split file")
     if (not isinstance(split, dict) or not {"train", "test"} <= split.keys()
             or not all(isinstance(split[k], list) for k in ("train", "test"))):
         raise UsageError(f"split file {path} must hold a JSON object with 'train' and 'test' id lists")

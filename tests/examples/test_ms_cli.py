@@ -46,11 +46,6 @@ def one_error_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_cohort(tmp_path_factory.mktemp("cohort"), subjects=4, preset="small", seed=0, montage=False)
-
-
-@pytest.fixture(scope="module")
 def renamed(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The cohort with each subject's files named as another data set names them."""
     root = tmp_path_factory.mktemp("renamed")

@@ -14,15 +14,9 @@ import train
 from model import METHODS, build_model, load_trained
 from run import UsageError
 from sliceattn import NonLocal3d, RecurrentSliceAttention3d
-from synthetic import make_cohort
 
 TINY = ["--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2", "--test-fraction", "0.5",
         "--no-progress", "--lesion-crop-fraction", "0.5"]
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_cohort(tmp_path_factory.mktemp("cohort"), subjects=4, preset="small", seed=0, montage=False)
 
 
 @pytest.fixture(scope="module")
