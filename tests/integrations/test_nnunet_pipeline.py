@@ -2,9 +2,9 @@
 
 One module-scoped run on a tiny synthetic dataset (4 cases of 32^3, a bright blob labelled 1):
 ``nnUNetv2_plan_and_preprocess`` and ``nnUNetv2_predict`` run as the stock commands; training
-runs through ``nnUNetTrainer``'s Python API (the ``nnUNetv2_train`` command imports every
-trainer module, and the Primus ones need a torchvision whose compiled ops load against the
-installed torch, which the CPU-only CI does not have).
+runs through ``nnUNetTrainer``'s Python API for 3 iterations (the command runs nnU-Net's 1000
+epochs, and naming a shorter trainer makes nnU-Net import its Primus trainers, which need a
+torchvision whose compiled ops load against the CPU-only torch of CI).
 """
 
 from __future__ import annotations
