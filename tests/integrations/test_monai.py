@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import sys
@@ -29,6 +28,7 @@ NETWORKS = {
     "dynunet": (DynUNet, RSADynUNet, {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "kernel_size": [3, 3, 3], "strides": [1, 2, 2], "upsample_kernel_size": [2, 2], "filters": [4, 8, 16]}),
     "basicunet": (BasicUNet, RSABasicUNet, {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "features": (4, 4, 8, 8, 16, 4)}),
 }
+KWARGS = {cls: kwargs for _, cls, kwargs in NETWORKS.values()}
 
 
 def _blocks(network: nn.Module) -> list[nn.Module]:
@@ -83,25 +83,24 @@ def test_train_steps_sliding_window_and_state_dict_round_trip(pair: tuple[nn.Mod
     with torch.no_grad():
         output = sliding_window_inference(volume, roi_size=(32, 32, 32), sw_batch_size=2, predictor=network, overlap=0.25)
         assert output.shape == (1, 2, 40, 48, 36) and torch.isfinite(output).all()
-        restored = type(network)(**NETWORKS[{RSAUNet: "unet", RSADynUNet: "dynunet", RSABasicUNet: "basicunet"}[type(network)]][2])
+        restored = type(network)(**KWARGS[type(network)])
         restored.load_state_dict(network.state_dict())
         assert torch.equal(restored.eval()(volume[..., :32, :32, :32]), network(volume[..., :32, :32, :32]))
 
 
 def test_nonlocal_block_and_kwargs_reach_the_block() -> None:
-    kwargs = NETWORKS["dynunet"][2]
-    network = RSADynUNet(**kwargs, attention="nonlocal", attention_kwargs={"norm": False})
+    network = RSADynUNet(**KWARGS[RSADynUNet], attention="nonlocal", attention_kwargs={"norm": False})
     (block,) = _blocks(network)
     assert isinstance(block, NonLocal3d)
     assert torch.count_nonzero(block.W.weight) == 0  # DynUNet's own init did not re-draw it
-    network = RSAUNet(**NETWORKS["unet"][2], attention_kwargs={"order": [2, 3, 4], "qk_channels": 4})
+    network = RSAUNet(**KWARGS[RSAUNet], attention_kwargs={"order": [2, 3, 4], "qk_channels": 4})
     (block,) = _blocks(network)
     assert block.dims == (2, 3, 4) and block.projection.qk_channels == 4
 
 
 @pytest.mark.parametrize("cls", [RSAUNet, RSADynUNet, RSABasicUNet])
 def test_bad_arguments(cls: type) -> None:
-    kwargs = NETWORKS[{RSAUNet: "unet", RSADynUNet: "dynunet", RSABasicUNet: "basicunet"}[cls]][2]
+    kwargs = KWARGS[cls]
     with pytest.raises(ValueError, match="spatial_dims must be 3, got 2"):
         cls(**{**kwargs, "spatial_dims": 2})
     with pytest.raises(ValueError, match=r"attention must be one of \['nonlocal', 'rsa'\], got 'gate'"):
@@ -136,7 +135,7 @@ def test_docs_bundle_snippet_builds_the_network() -> None:
     network = parser.get_parsed_content("network")
     assert isinstance(network, RSAUNet)
     (block,) = _blocks(network)
-    assert block.dims == (3, 4, 2) and block.channels == 128
+    assert block.dims == (3, 2, 4) and block.channels == 128
     assert network(torch.randn(1, 3, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
 
 

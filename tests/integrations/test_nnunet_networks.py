@@ -12,7 +12,7 @@ pytest.importorskip("dynamic_network_architectures", reason="nnU-Net v2 not inst
 
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet  # noqa: E402
 
-from sliceattn import NonLocal3d, RecurrentSliceAttention3d, cost  # noqa: E402
+from sliceattn import RecurrentSliceAttention3d, cost  # noqa: E402
 from sliceattn.nnunet import (  # noqa: E402
     AttentionPlainConvUNet,
     AttentionResidualEncoderUNet,
