@@ -216,3 +216,21 @@ def test_warm_start_refuses_to_replace_output(run: _Run, tmp_path: Path, capsys:
     assert nnunet_cli(command) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
+
+
+def test_warm_start_user_mistakes(run: _Run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bare = tmp_path / "bare.pth"
+    torch.save(run.network("3d_fullres").state_dict(), bare)  # no init_args: dataset.json unknown
+    out = tmp_path / "out.pth"
+    command = ["warm-start", str(bare), str(out), "--plans", str(run.plans_file), "--name", "3d_fullres_rsa"]
+    assert nnunet_cli(command) == 2
+    assert "records no dataset.json (not an nnU-Net checkpoint); pass --dataset-json" in capsys.readouterr().err
+    dataset_json = run.preprocessed / DATASET / "dataset.json"
+    rsa = tmp_path / "rsa.pth"  # an attention checkpoint is not a plain one
+    torch.save(run.network("3d_fullres_rsa").state_dict(), rsa)
+    assert nnunet_cli(["warm-start", str(rsa), *command[2:], "--dataset-json", str(dataset_json)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit configuration '3d_fullres_rsa'" in err and "unexpected keys ['attention." in err
+    assert nnunet_cli([*command[:-1], "3d_nope", "--dataset-json", str(dataset_json)]) == 2
+    assert "configuration '3d_nope' is not in the plans file" in capsys.readouterr().err
+    assert not out.exists()
