@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                        help=f"constant, or nnU-Net's polynomial decay lr*(1-i/iterations)^0.9 {profile('lr_schedule')}")
     train.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (default: 1e-5)")
+    train.add_argument("--attention-weight-decay", type=float, default=0.0,
+                       help="Adam weight decay of the attention blocks; the paper's 1e-5 collapses an RSA block "
+                       "that starts as the identity (docs/ms_lesion_training.md) (default: 0)")
     train.add_argument("--loss-weights", choices=WEIGHTINGS, default="swapped",
                        help="cross-entropy class weights: 'swapped' (lesion e^(1-r)/..., measured better, see "
                        "docs/ms_lesion_training.md), 'literal' (the paper's formula as printed) or 'none' "

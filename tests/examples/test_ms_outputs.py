@@ -205,6 +205,28 @@ def test_default_preset_follows_data_and_device(tmp_path: Path, capsys: pytest.C
         assert f"\n  {name} " in text  # the preset table of --help
 
 
+@pytest.mark.parametrize(("attention_decay", "survives"), [(0.0, True), (1e-5, False)])
+def test_attention_blocks_are_not_decayed_to_nothing_while_they_are_the_identity(attention_decay: float,
+                                                                                 survives: bool) -> None:
+    # While alpha = 0 the projections get no gradient; Adam's L2 decay alone then moves them by ~lr per step.
+    from model import build_model
+
+    torch.manual_seed(0)
+    network = build_model("rsa-010", filters="tiny")
+    block = network.bottom_attention
+    start = block.projection.weight.detach().abs().mean().item()
+    optimizer = torch.optim.Adam(training.parameter_groups(network, 1e-5, attention_decay), lr=1e-3)
+    image, label = torch.randn(1, 3, 16, 32, 32), torch.randint(0, 2, (1, 16, 32, 32))
+    for _ in range(40):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(network(image), label).backward()
+        optimizer.step()
+    end = block.projection.weight.detach().abs().mean().item()
+    decays = [group["weight_decay"] for group in optimizer.param_groups]
+    assert decays == [1e-5, attention_decay] and len(optimizer.param_groups[1]["params"]) == 3
+    assert (end > 0.9 * start) is survives, (start, end)
+
+
 def test_poly_learning_rate_decays_to_zero_and_constant_stays() -> None:
     args = argparse.Namespace(lr=1e-3, iterations=100, lr_schedule="poly")
     assert training.learning_rate(args, 1) == pytest.approx(1e-3)
