@@ -18,7 +18,7 @@ import cli
 import predict
 import train
 import training
-from data import CasePaths, DataOptions
+from data import DataOptions
 from inference import segment, sliding_window_probabilities
 from lesions import label_lesions, lesion_table, remove_small_lesions, voxel_volume_mm3
 from metrics import CONNECTIVITY_26
