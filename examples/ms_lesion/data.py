@@ -677,7 +677,8 @@ def check_lesion_masks(cases: Sequence[Case]) -> None:
     Raises:
         DataError: naming the subjects and the fix.
     """
-    large = {c.id: lesion_brain_fraction(c) for c in cases if lesion_brain_fraction(c) > MAX_LESION_BRAIN_FRACTION}
+    fractions = {c.id: lesion_brain_fraction(c) for c in cases}
+    large = {i: f for i, f in fractions.items() if f > MAX_LESION_BRAIN_FRACTION}
     if large:
         shown = ", ".join(f"{i} ({f:.0%})" for i, f in sorted(large.items()))
         raise DataError(

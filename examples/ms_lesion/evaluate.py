@@ -22,7 +22,7 @@ from cli import (
 from data import DataOptions
 from inference import evaluate_cases
 from model import load_trained
-from run import UsageError, check_split, read_split, write_csv, write_json
+from run import UsageError, check_split, read_split, refuse_existing, write_csv, write_json
 
 OUTPUTS = ("metrics.json", "cases.csv")
 
@@ -47,9 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = select_device(args.device)
     configure_runtime(args)
     out = Path(args.out)
-    existing = [name for name in OUTPUTS if (out / name).exists()]
-    if existing and not args.overwrite:
-        raise UsageError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    refuse_existing(out, OUTPUTS, args.overwrite)
     model, meta = load_trained(args.checkpoint, device)
     options = data_options(args, DataOptions.from_record(meta["data"]))
     if args.list:

@@ -39,7 +39,7 @@ from data import CasePaths, DataError, DataOptions
 from inference import segment
 from lesions import LESION_FIELDS, REPORT_FIELDS, label_lesions, lesion_table, remove_small_lesions, subject_summary
 from model import load_trained
-from run import UsageError, save_atomically, write_csv
+from run import UsageError, refuse_existing, save_atomically, write_csv
 
 
 def outputs(case_id: str, args: argparse.Namespace) -> list[str]:
@@ -76,10 +76,7 @@ def check_out(out: Path, data: Path, subjects: Sequence[CasePaths], names: Seque
     inputs |= {(data / name).resolve() for name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
     if out.resolve() in inputs:
         raise UsageError(f"--out {out} is a folder of the input data; write the masks to another folder")
-    existing = [out / name for name in names if (out / name).exists()]
-    if existing and not overwrite:
-        shown = ", ".join(p.name for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-        raise UsageError(f"--out {out} already holds {shown}; pass --overwrite to replace them, or choose another --out")
+    refuse_existing(out, names, overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -146,6 +146,18 @@ def remove_run(out: Path) -> None:
         predictions.rmdir()
 
 
+def refuse_existing(out: Path, names: Sequence[str], overwrite: bool) -> None:
+    """Refuse to write ``names`` into ``out`` where any of them exists, unless ``overwrite``.
+
+    Raises:
+        UsageError: naming the first files found and ``--overwrite``.
+    """
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise UsageError(f"--out {out} already holds {shown}; pass --overwrite to replace them, or choose another --out")
+
+
 def differences(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
     """``--name: recorded X, now Y`` for every key whose value differs (keys missing on one side count)."""
     lines = []
