@@ -9,8 +9,6 @@ status 2 (``command``), checked before any long work starts.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import dataclasses
 import functools
 import os
 import sys
@@ -18,12 +16,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import torch
-
 from data import (
-    LABEL2_MODES, LAYOUTS, MODALITIES, NORMALISATIONS, DataError, DataOptions, describe, parse_patterns,
-    resolve_normalisation,
+    LABEL2_MODES, LAYOUTS, MODALITIES, NNUNET_IMAGES, NORMALISATIONS, DataError, DataOptions, describe, parse_patterns,
+    resolve_layout,
 )
+from inference import DEFAULT_OVERLAP
 from lesions import DEFAULT_MIN_LESION_MM3
 from run import UsageError
 
@@ -61,12 +58,30 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                        help="resample modalities and masks onto the first modality's grid when shapes or affines "
                        "differ (default: refuse)")
     group.add_argument("--normalisation", choices=NORMALISATIONS, default=None,
-                       help="z-score each modality over 'foreground' (non-zero voxels; the same with or without "
-                       "brain-mask files) or 'brain-mask' (inside each subject's brain-mask file, required); "
-                       "auto = brain-mask when every training subject has one (default: auto)")
+                       help="z-score each modality over 'foreground' (non-zero voxels: depends only on the images, "
+                       "so the model also reads scans without a brain-mask file) or 'brain-mask' (inside each "
+                       f"subject's brain-mask file, then required for every scan) (default: {DataOptions.normalisation})")
     group.add_argument("--list", action="store_true",
                        help="print which file took which role for each subject, shapes, spacings and lesion "
                        "fractions, then stop")
+
+
+def add_nnunet_images_option(parser: argparse.ArgumentParser) -> None:
+    """``--nnunet-images``: which image folders of an nnU-Net data set a script reads."""
+    parser.add_argument("--nnunet-images", choices=NNUNET_IMAGES, default=NNUNET_IMAGES[0],
+                        help="nnU-Net layout: read imagesTr (labels in labelsTr), imagesTs (labels, if any, in "
+                        f"labelsTs) or both (default: {NNUNET_IMAGES[0]}); other layouts ignore it")
+
+
+def say_nnunet_folders(root: str | Path, options: DataOptions, chosen: str) -> None:
+    """In the nnU-Net layout, say which image folders are read and which one is left out."""
+    root = Path(root)
+    if resolve_layout(root, options.layout) != "nnunet":
+        return
+    read = ("imagesTr", "imagesTs") if chosen == "both" else (chosen,)
+    unread = [name for name in ("imagesTr", "imagesTs") if name not in read and (root / name).is_dir()]
+    note = f"; {', '.join(unread)} is not read (--nnunet-images {unread[0]} or both)" if unread else ""
+    print(f"nnU-Net layout: reading {' and '.join(read)}{note}")
 
 
 def _modalities(values: Sequence[str]) -> tuple[str, ...]:
@@ -90,14 +105,16 @@ def data_options(args: argparse.Namespace, recorded: DataOptions | None = None) 
         if modalities != recorded.modalities:
             raise UsageError(f"--modalities {','.join(modalities)} differs from the model's "
                              f"{','.join(recorded.modalities)}: it was trained on those channels in that order")
-        if normalisation not in ("auto", recorded.normalisation):
+        if normalisation != recorded.normalisation:
             raise UsageError(f"--normalisation {normalisation} differs from the model's {recorded.normalisation}")
-        normalisation = recorded.normalisation
-    return DataOptions(
-        layout=args.layout or base.layout, modalities=modalities, patterns=patterns,
-        label2=args.label2 or base.label2, resample=base.resample if args.resample is None else True,
-        normalisation=normalisation,
-    )
+    try:
+        return DataOptions(
+            layout=args.layout or base.layout, modalities=modalities, patterns=patterns,
+            label2=args.label2 or base.label2, resample=base.resample if args.resample is None else True,
+            normalisation=normalisation,
+        )
+    except ValueError as exc:  # DataOptions checks the names: unknown or repeated modalities, roles
+        raise UsageError(str(exc)) from None
 
 
 def list_cases(root: str | Path, options: DataOptions, *, require_mask: bool) -> int:
@@ -108,7 +125,6 @@ def list_cases(root: str | Path, options: DataOptions, *, require_mask: bool) ->
     """
     errors: dict[str, DataError] = {}
     found = options.find(root, require_mask=require_mask, errors=errors)
-    options = dataclasses.replace(options, normalisation=resolve_normalisation(options.normalisation, found))
     for paths in found:
         try:
             print(describe(Path(root), paths, options.load(paths)))
@@ -128,33 +144,11 @@ def _overlap(text: str) -> float:
 
 def add_inference_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The options every script that runs the model shares: ``--overlap`` and ``--device``."""
-    parser.add_argument("--overlap", type=_overlap, default=0.5,
-                        help="sliding-window tile overlap, in [0, 1) (default: 0.5)")
+    parser.add_argument("--overlap", type=_overlap, default=DEFAULT_OVERLAP,
+                        help=f"sliding-window tile overlap, in [0, 1) (default: {DEFAULT_OVERLAP:g})")
     parser.add_argument(
         "--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'... (default: auto)"
     )
-
-
-def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> this process's CUDA device when CUDA is present, else the CPU; else ``torch.device(name)``.
-
-    Raises:
-        UsageError: an unknown device name, or CUDA asked for where there is none.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices")
-    return device
 
 
 def _mm3(text: str) -> float:
@@ -183,59 +177,9 @@ def add_runtime_options(parser: argparse.ArgumentParser | argparse._ArgumentGrou
                         "instead of a fresh mmap each time, as MALLOC_MMAP_MAX_=0 does: faster CPU training steps)")
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask where the platform has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def tune_allocator() -> bool:
-    """Make glibc serve large blocks from the heap instead of a fresh ``mmap`` per tensor.
-
-    With the defaults every large tensor is a new mapping that is page-faulted again at every step;
-    this is what ``MALLOC_MMAP_MAX_=0`` does, applied from inside the process. A no-op (False) where
-    the C library has no ``mallopt`` or the user set ``MALLOC_MMAP_MAX_`` already.
-    """
-    if "MALLOC_MMAP_MAX_" in os.environ:
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_mmap_max = -4  # glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0))
-
-
-def configure_runtime(args: argparse.Namespace, processes: int = 1) -> int:
-    """Apply ``--threads`` and the allocator setting; warn when other processes compete for the cores.
-
-    Returns:
-        The number of torch threads.
-    """
-    cores = usable_cores()
-    chosen = args.threads if args.threads is not None else os.environ.get("OMP_NUM_THREADS", "").strip()
-    try:
-        threads = int(chosen) if chosen != "" else max(1, cores // processes)
-    except ValueError:
-        raise UsageError(f"OMP_NUM_THREADS={chosen!r} is not a number of threads") from None
-    if threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-    if not args.no_malloc_tuning:
-        tune_allocator()
-    if hasattr(os, "getloadavg"):
-        load = os.getloadavg()[0]
-        if load > cores - threads * processes + 0.75:
-            print(f"warning: the load average is {load:.1f} on {cores} cores: other processes compete for the "
-                  f"{threads * processes} threads of this run, which can slow it several times; wait, or use "
-                  "fewer --threads", file=sys.stderr)
-    return threads
-
-
 def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
-    """Wrap a script's ``main``: a ``UsageError`` or ``DataError`` becomes one ``error:`` line and exit 2."""
+    """Wrap a script's ``main``: a ``UsageError`` or ``DataError`` becomes one ``error:`` line and exit 2, Ctrl-C
+    one line and exit 130."""
     @functools.wraps(main)
     def wrapped(argv: Sequence[str] | None = None) -> int:
         try:
@@ -243,6 +187,9 @@ def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
         except (UsageError, DataError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt as interrupt:  # Ctrl-C: one line (training says where its checkpoint is)
+            print(str(interrupt) or "interrupted", file=sys.stderr)
+            return 130
         except BrokenPipeError:  # the output went to a pager or `head` that closed early
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python's documented recipe)
             return 0

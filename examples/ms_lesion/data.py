@@ -30,8 +30,11 @@ from scipy import ndimage
 MODALITIES: tuple[str, ...] = ("t1", "t2", "flair")
 LAYOUTS: tuple[str, ...] = ("auto", "nnunet", "subject-folders")
 LABEL2_MODES: tuple[str, ...] = ("error", "ignore", "lesion")
-NORMALISATIONS: tuple[str, ...] = ("auto", "brain-mask", "foreground")
+# The first of each is the default.
+NORMALISATIONS: tuple[str, ...] = ("foreground", "brain-mask")
 CENTRES: tuple[str, ...] = ("brain", "anywhere")
+# Which image folders of an nnU-Net data set are read (labels from labelsTr / labelsTs beside them).
+NNUNET_IMAGES: tuple[str, ...] = ("imagesTr", "imagesTs", "both")
 ROLES: tuple[str, ...] = (*MODALITIES, "mask", "brain_mask")
 IGNORE_LABEL = 255
 
@@ -281,6 +284,7 @@ def find_cases(
     patterns: Mapping[str, str] | None = None,
     require_mask: bool = True,
     errors: dict[str, DataError] | None = None,
+    nnunet_images: str = NNUNET_IMAGES[0],
 ) -> list[CasePaths]:
     """Find the cases of a dataset folder.
 
@@ -295,6 +299,8 @@ def find_cases(
         require_mask: raise if a case has no lesion mask (else its ``mask`` is ``None``).
         errors: if given, a case with a missing or ambiguous file is left out and its error
             stored here under its id instead of raised (so one bad subject does not stop a batch).
+        nnunet_images: the nnU-Net layout's image folders to read: ``"imagesTr"``, ``"imagesTs"`` or
+            ``"both"`` (ignored in the subject-folder layout).
 
     Returns:
         The cases sorted by id.
@@ -304,16 +310,21 @@ def find_cases(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if nnunet_images not in NNUNET_IMAGES:
+        raise ValueError(f"nnunet_images must be one of {NNUNET_IMAGES}, got {nnunet_images!r}")
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist or is not a folder (check --data)")
     patterns = dict(patterns or {})
     modalities = _check_roles(modalities, patterns)
-    if layout == "auto":
-        layout = "nnunet" if (root / "dataset.json").is_file() or (root / "imagesTr").is_dir() else "subject-folders"
-    find = _find_nnunet if layout == "nnunet" else _find_subject_folders
+    layout = resolve_layout(root, layout)
+    if layout == "nnunet":
+        folders = ("imagesTr", "imagesTs") if nnunet_images == "both" else (nnunet_images,)
+        found = _find_nnunet(root, modalities, patterns, require_mask, folders)
+    else:
+        found = _find_subject_folders(root, modalities, patterns, require_mask)
     cases = []
-    for case_id, case in find(root, modalities, patterns, require_mask):
+    for case_id, case in found:
         if isinstance(case, DataError):
             if errors is None:
                 raise case
@@ -323,6 +334,14 @@ def find_cases(
     if not cases and not errors:
         raise DataError(f"no cases found in {root} (layout {layout!r}); see docs/ms_lesion.md for the layouts")
     return sorted(cases, key=lambda c: c.id)
+
+
+def resolve_layout(root: str | Path, layout: str) -> str:
+    """``"auto"`` -> ``"nnunet"`` if ``root`` has ``dataset.json`` or ``imagesTr``, else ``"subject-folders"``."""
+    if layout != "auto":
+        return layout
+    root = Path(root)
+    return "nnunet" if (root / "dataset.json").is_file() or (root / "imagesTr").is_dir() else "subject-folders"
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -339,10 +358,8 @@ def _rule(role: str, patterns: Mapping[str, str]) -> str:
     return f"pattern {patterns[role]!r}" if role in patterns else "the built-in rule"
 
 
-def _find_nnunet(
-    root: Path, modalities: tuple[str, ...], patterns: dict[str, str], require_mask: bool
-) -> Iterator[tuple[str, CasePaths | DataError]]:
-    """Each case id with its paths, or with the error that makes it unusable."""
+def _nnunet_channels(root: Path, modalities: tuple[str, ...], patterns: dict[str, str]) -> tuple[dict[str, int], str]:
+    """The channel index of each modality (from ``dataset.json``) and the file ending."""
     meta_path = root / "dataset.json"
     meta = read_json(meta_path, "the nnU-Net layout's file")
     channels = meta.get("channel_names", meta.get("modality"))
@@ -362,11 +379,31 @@ def _find_nnunet(
                 f"choose with --pattern {modality}=NAME"
             )
         channel_of[modality] = index[names[0]]
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
-    if not images_dir.is_dir():
-        raise DataError(f"nnU-Net layout needs the folder {images_dir}, which does not exist")
-    suffix = "_0000" + ending
-    ids = sorted(p.name[: -len(suffix)] for p in images_dir.iterdir() if p.name.endswith(suffix))
+    return channel_of, ending
+
+
+def _find_nnunet(
+    root: Path, modalities: tuple[str, ...], patterns: dict[str, str], require_mask: bool, folders: Sequence[str]
+) -> Iterator[tuple[str, CasePaths | DataError]]:
+    """Each case id of the image ``folders`` with its paths, or with the error that makes it unusable."""
+    channel_of, ending = _nnunet_channels(root, modalities, patterns)
+    seen: dict[str, str] = {}
+    for folder in folders:
+        images_dir, labels_dir = root / folder, root / folder.replace("images", "labels")
+        if not images_dir.is_dir():
+            raise DataError(f"nnU-Net layout: the folder {images_dir} does not exist")
+        suffix = "_0000" + ending
+        ids = sorted(p.name[: -len(suffix)] for p in images_dir.iterdir() if p.name.endswith(suffix))
+        twice = sorted(set(ids) & seen.keys())
+        if twice:
+            raise DataError(f"nnU-Net layout: cases {twice} are in both {seen[twice[0]]} and {folder}")
+        seen.update(dict.fromkeys(ids, folder))
+        yield from _nnunet_cases(ids, images_dir, labels_dir, channel_of, ending, require_mask)
+
+
+def _nnunet_cases(ids: Sequence[str], images_dir: Path, labels_dir: Path, channel_of: Mapping[str, int], ending: str,
+                  require_mask: bool) -> Iterator[tuple[str, CasePaths | DataError]]:
+    modalities = tuple(channel_of)
     for case_id in ids:
         images = {m: images_dir / f"{case_id}_{channel_of[m]:04d}{ending}" for m in modalities}
         absent = [f"{modality} file {path}" for modality, path in images.items() if not path.is_file()]
@@ -505,12 +542,74 @@ def _model_layout(spacing_ras: np.ndarray) -> tuple[int, int, int]:
     return (through, rest[0], rest[1])
 
 
-def _normalise(data: np.ndarray, brain: np.ndarray, path: Path, what: str) -> np.ndarray:
-    inside = data[brain]
+def _normalise(data: np.ndarray, region: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """``data`` z-scored over the voxels of ``region``."""
+    inside = data[region]
     mean, std = float(inside.mean()), float(inside.std())
     if std == 0.0:
         raise DataError(f"{what} file {path} is constant ({mean}) where it is z-scored; cannot normalise")
     return ((data - mean) / std).astype(np.float32)
+
+
+def _check_load(paths: CasePaths, modalities: Sequence[str], label2: str, normalisation: str) -> tuple[str, ...]:
+    """The modalities to read, after checking the options against the case's files."""
+    if label2 not in LABEL2_MODES:
+        raise ValueError(f"label2 must be one of {LABEL2_MODES}, got {label2!r}")
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    if normalisation == "brain-mask" and paths.brain_mask is None:
+        raise DataError(
+            f"case {paths.id!r} has no brain-mask file, but the model z-scores inside brain masks "
+            "(normalisation 'brain-mask'); add its brain mask (see --pattern brain_mask=GLOB) or train with "
+            "--normalisation foreground"
+        )
+    modalities = tuple(modalities)
+    missing = [m for m in modalities if m not in paths.images]
+    if not modalities or missing:
+        raise DataError(f"case {paths.id!r}: no file for modalities {missing or modalities}; have {sorted(paths.images)}")
+    return modalities
+
+
+def _read_modalities(paths: CasePaths, modalities: tuple[str, ...], resample: bool
+                     ) -> tuple[list[np.ndarray], nib.Nifti1Image]:
+    """Each modality's volume on the first modality's grid, and that reference image."""
+    ref_data, ref = _read(paths.images[modalities[0]], modalities[0])
+    volumes = [ref_data]
+    for modality in modalities[1:]:
+        data, img = _read(paths.images[modality], modality)
+        volumes.append(_on_grid(data, img, ref, modality, paths.images[modality], modalities[0], resample, order=1))
+    for modality, data in zip(modalities, volumes):
+        if not data.any():
+            raise DataError(f"{modality} file {paths.images[modality]} contains only zeros")
+    return volumes, ref
+
+
+def _read_mask(path: Path, what: str, ref: nib.Nifti1Image, ref_what: str, resample: bool) -> np.ndarray:
+    """A mask file on the reference grid (nearest-neighbour when resampled)."""
+    data, img = _read(path, what)
+    return _on_grid(data, img, ref, what, path, ref_what, resample, order=0)
+
+
+@dataclass(frozen=True)
+class _ModelGrid:
+    """The source grid's orientation: RAS reorientation, then the through-plane axis first."""
+
+    to_ras: np.ndarray
+    permutation: tuple[int, int, int]
+    spacing: tuple[float, float, float]   # model order (D, H, W), mm
+
+    @classmethod
+    def of(cls, ref: nib.Nifti1Image) -> _ModelGrid:
+        to_ras = ornt.io_orientation(ref.affine)
+        spacing_ras = np.empty(3)
+        spacing_ras[to_ras[:, 0].astype(int)] = np.sqrt((ref.affine[:3, :3] ** 2).sum(0))
+        permutation = _model_layout(spacing_ras)
+        # Rounded: affines stored as float32 would give 0.699999988 for 0.7 mm.
+        spacing = tuple(round(float(spacing_ras[a]), 5) for a in permutation)
+        return cls(to_ras, permutation, spacing)  # type: ignore[arg-type]
+
+    def apply(self, volume: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.transpose(ornt.apply_orientation(volume, self.to_ras), self.permutation))
 
 
 def load_case(
@@ -518,8 +617,8 @@ def load_case(
     *,
     modalities: Sequence[str] = MODALITIES,
     resample: bool = False,
-    label2: str = "error",
-    normalisation: str = "foreground",
+    label2: str = LABEL2_MODES[0],
+    normalisation: str = NORMALISATIONS[0],
 ) -> Case:
     """Read, check, reorient (RAS, then through-plane first) and z-score one case.
 
@@ -540,70 +639,25 @@ def load_case(
     Raises:
         DataError: unreadable/empty files, NaN/inf, grid mismatch, non-binary masks, empty brain mask.
     """
-    if label2 not in LABEL2_MODES:
-        raise ValueError(f"label2 must be one of {LABEL2_MODES}, got {label2!r}")
-    if normalisation not in NORMALISATIONS[1:]:
-        raise ValueError(f"normalisation must be one of {NORMALISATIONS[1:]}, got {normalisation!r}")
-    if normalisation == "brain-mask" and paths.brain_mask is None:
-        raise DataError(
-            f"case {paths.id!r} has no brain-mask file, but the model z-scores inside brain masks "
-            "(normalisation 'brain-mask'); add its brain mask (see --pattern brain_mask=GLOB) or train with "
-            "--normalisation foreground"
-        )
-    modalities = tuple(modalities)
-    missing = [m for m in modalities if m not in paths.images]
-    if not modalities or missing:
-        raise DataError(f"case {paths.id!r}: no file for modalities {missing or modalities}; have {sorted(paths.images)}")
-
-    ref_mod = modalities[0]
-    ref_data, ref = _read(paths.images[ref_mod], ref_mod)
-    volumes = [ref_data]
-    for modality in modalities[1:]:
-        data, img = _read(paths.images[modality], modality)
-        volumes.append(_on_grid(data, img, ref, modality, paths.images[modality], ref_mod, resample, order=1))
-    for modality, data in zip(modalities, volumes):
-        if not data.any():
-            raise DataError(f"{modality} file {paths.images[modality]} contains only zeros")
-
+    modalities = _check_load(paths, modalities, label2, normalisation)
+    volumes, ref = _read_modalities(paths, modalities, resample)
     label = None
     if paths.mask is not None:
-        data, img = _read(paths.mask, "lesion mask")
-        label = _label(_on_grid(data, img, ref, "lesion mask", paths.mask, ref_mod, resample, order=0), paths.mask, label2)
+        label = _label(_read_mask(paths.mask, "lesion mask", ref, modalities[0], resample), paths.mask, label2)
     # Skull-stripped data: the brain is where any modality is non-zero.
     foreground = np.any([v != 0 for v in volumes], axis=0)
     brain = foreground
     if paths.brain_mask is not None:
-        data, img = _read(paths.brain_mask, "brain mask")
-        brain = _on_grid(data, img, ref, "brain mask", paths.brain_mask, ref_mod, resample, order=0) > 0
+        brain = _read_mask(paths.brain_mask, "brain mask", ref, modalities[0], resample) > 0
         if not brain.any():
             raise DataError(f"brain mask file {paths.brain_mask} is empty (no voxel above 0)")
-    region = brain if normalisation == "brain-mask" else foreground
-
-    to_ras = ornt.io_orientation(ref.affine)
-    spacing_src = np.sqrt((ref.affine[:3, :3] ** 2).sum(0))
-    spacing_ras = np.empty(3)
-    spacing_ras[to_ras[:, 0].astype(int)] = spacing_src
-    permutation = _model_layout(spacing_ras)
-
-    def model(volume: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.transpose(ornt.apply_orientation(volume, to_ras), permutation))
-
-    region_model = model(region)
-    image = np.stack([_normalise(model(v), region_model, paths.images[m], m) for m, v in zip(modalities, volumes)])
-    source = SourceGeometry(
-        shape=tuple(ref.shape[:3]), affine=ref.affine.copy(), header=ref.header.copy(),
-        to_ras=to_ras, permutation=permutation,
-    )
-    return Case(
-        id=paths.id,
-        image=image,
-        label=None if label is None else model(label),
-        brain_mask=model(brain),
-        # Rounded: affines stored as float32 would give 0.699999988 for 0.7 mm.
-        spacing=tuple(round(float(spacing_ras[a]), 5) for a in permutation),  # type: ignore[arg-type]
-        modalities=modalities,
-        source=source,
-    )
+    grid = _ModelGrid.of(ref)
+    region = grid.apply(brain if normalisation == "brain-mask" else foreground)
+    image = np.stack([_normalise(grid.apply(v), region, paths.images[m], m) for m, v in zip(modalities, volumes)])
+    source = SourceGeometry(shape=tuple(ref.shape[:3]), affine=ref.affine.copy(), header=ref.header.copy(),
+                            to_ras=grid.to_ras, permutation=grid.permutation)
+    return Case(id=paths.id, image=image, label=None if label is None else grid.apply(label),
+                brain_mask=grid.apply(brain), spacing=grid.spacing, modalities=modalities, source=source)
 
 
 @dataclass(frozen=True)
@@ -612,18 +666,27 @@ class DataOptions:
 
     ``layout``, ``patterns``, ``resample`` and ``label2`` only say how to find and read files;
     ``modalities`` and ``normalisation`` define what the model sees and must match the model's.
-    ``normalisation="auto"`` is resolved on the training cases by ``resolve_normalisation``.
+
+    Raises:
+        ValueError: an unknown layout, label-2 mode or normalisation, repeated or unknown modalities,
+            or a pattern for an unknown role.
     """
 
-    layout: str = "auto"
+    layout: str = LAYOUTS[0]
     modalities: tuple[str, ...] = MODALITIES
     patterns: dict[str, str] = field(default_factory=dict)
-    label2: str = "error"
+    label2: str = LABEL2_MODES[0]
     resample: bool = False
-    normalisation: str = "auto"
+    normalisation: str = NORMALISATIONS[0]
+
+    def __post_init__(self) -> None:
+        for name, choices in (("layout", LAYOUTS), ("label2", LABEL2_MODES), ("normalisation", NORMALISATIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        _check_roles(self.modalities, self.patterns)
 
     def record(self) -> dict[str, Any]:
-        """A JSON-able dict (checkpoints store it); ``DataOptions(**record)`` rebuilds the options."""
+        """A JSON-able dict (checkpoints store it); ``DataOptions.from_record`` rebuilds the options."""
         return {"layout": self.layout, "modalities": list(self.modalities), "patterns": dict(self.patterns),
                 "label2": self.label2, "resample": self.resample, "normalisation": self.normalisation}
 
@@ -636,34 +699,15 @@ class DataOptions:
         return find_cases(root, layout=self.layout, modalities=self.modalities, patterns=self.patterns, **kwargs)
 
     def load(self, paths: CasePaths) -> Case:
-        """``load_case`` with these options (``normalisation`` must be resolved)."""
+        """``load_case`` with these options."""
         return load_case(paths, modalities=self.modalities, resample=self.resample, label2=self.label2,
                          normalisation=self.normalisation)
 
 
-def resolve_normalisation(choice: str, cases: Sequence[CasePaths]) -> str:
-    """``"auto"`` -> ``"brain-mask"`` when every case has a brain-mask file, else ``"foreground"``."""
-    if choice != "auto":
-        return choice
-    return "brain-mask" if cases and all(c.brain_mask is not None for c in cases) else "foreground"
-
-
-def load_dataset(
-    root: str | Path,
-    *,
-    layout: str = "auto",
-    modalities: Sequence[str] = MODALITIES,
-    patterns: Mapping[str, str] | None = None,
-    resample: bool = False,
-    label2: str = "error",
-    normalisation: str = "auto",
-    require_mask: bool = True,
-) -> list[Case]:
-    """``find_cases`` then ``load_case`` on each (``normalisation="auto"`` resolved over the cases)."""
-    found = find_cases(root, layout=layout, modalities=modalities, patterns=patterns, require_mask=require_mask)
-    normalisation = resolve_normalisation(normalisation, found)
-    return [load_case(p, modalities=modalities, resample=resample, label2=label2, normalisation=normalisation)
-            for p in found]
+def load_dataset(root: str | Path, *, require_mask: bool = True, **options: Any) -> list[Case]:
+    """``find_cases`` then ``load_case`` on each; ``options`` are ``DataOptions`` fields."""
+    data = DataOptions(**options)
+    return [data.load(p) for p in data.find(root, require_mask=require_mask)]
 
 
 def lesion_brain_fraction(case: Case) -> float:
@@ -671,8 +715,8 @@ def lesion_brain_fraction(case: Case) -> float:
     return float(case.lesion_voxels().size / max(case.brain_voxels().size, 1))
 
 
-def check_lesion_masks(cases: Sequence[Case]) -> None:
-    """Refuse training masks that cannot be MS lesion masks: all empty, or covering a brain or tissue.
+def check_lesion_masks(cases: Sequence[Case], *, training: bool = True) -> None:
+    """Refuse masks that cannot be MS lesion masks: covering a brain or tissue, or (for training) all empty.
 
     Raises:
         DataError: naming the subjects and the fix.
@@ -686,7 +730,7 @@ def check_lesion_masks(cases: Sequence[Case]) -> None:
             "like a brain or tissue mask, not MS lesions; check the files with --list and choose the lesion file "
             "with --pattern mask=GLOB"
         )
-    if cases and not any(c.lesion_voxels().size for c in cases):
+    if training and cases and not any(c.lesion_voxels().size for c in cases):
         raise DataError(f"every training lesion mask is empty ({len(cases)} subjects); nothing to learn. "
                         "Check the files with --list and --pattern mask=GLOB")
 

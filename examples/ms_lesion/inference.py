@@ -20,10 +20,12 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from data import Case
-from lesions import remove_small_lesions
+from lesions import DEFAULT_MIN_LESION_MM3, remove_small_lesions
 from metrics import CONNECTIVITY_26, case_counts, scores, summarise
 from sliceattn import RecurrentSliceAttention3d
 
+# The tile overlap of every script's --overlap and of the functions below.
+DEFAULT_OVERLAP = 0.5
 
 def gaussian_weight(size: Sequence[int], sigma_scale: float = 1 / 8) -> Tensor:
     """A ``(d, h, w)`` Gaussian importance map, peak 1, sigma = ``sigma_scale * size`` per axis.
@@ -60,7 +62,7 @@ def sliding_window_probabilities(
     image: np.ndarray | Tensor,
     tile: Sequence[int],
     *,
-    overlap: float = 0.5,
+    overlap: float = DEFAULT_OVERLAP,
     batch_size: int = 2,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
@@ -179,11 +181,11 @@ def evaluate_cases(
     cases: Sequence[Case],
     tile: Sequence[int],
     *,
-    overlap: float = 0.5,
+    overlap: float = DEFAULT_OVERLAP,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     mirror: bool = False,
-    min_lesion_mm3: float = 0.0,
+    min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3,
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
     """Segment each labelled case whole and score it.
 

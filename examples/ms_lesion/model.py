@@ -141,7 +141,7 @@ class UNet3d(nn.Module):
         if len(strides) != steps:
             raise ValueError(f"strides must have one entry per down step ({steps}), got {strides!r}")
         self.strides = [(s, s, s) if isinstance(s, int) else tuple(int(v) for v in s) for s in strides]
-        self.divisor = tuple(int(torch.tensor([s[a] for s in self.strides]).prod()) for a in range(3))
+        self.divisor = crop_divisor({"filters": channels, "strides": self.strides})
 
         def maybe_attention(on: str, width: int) -> nn.Module:
             return attention_block(attention, width, attention_options) if on == "1" else nn.Identity()
@@ -202,6 +202,22 @@ def model_config(
     }
 
 
+def level_factors(config: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """Each level's down-sampling factor per axis ``(D, H, W)``, from ``(1, 1, 1)`` at the top (``model_config``'s
+    ``filters`` and ``strides``; default strides 2)."""
+    strides = config.get("strides") or [2] * (len(config["filters"]) - 1)
+    factors = [(1, 1, 1)]
+    for stride in strides:
+        step = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+        factors.append(tuple(f * s for f, s in zip(factors[-1], step)))  # type: ignore[arg-type]
+    return factors
+
+
+def crop_divisor(config: dict[str, Any]) -> tuple[int, int, int]:
+    """What every crop (and tile) size must be a multiple of, per axis: the bottom level's factor."""
+    return level_factors(config)[-1]
+
+
 def build_model(method: str, **options: Any) -> UNet3d:
     """The U-Net of a method name (see ``METHODS``), e.g. ``build_model("rsa-101", filters="cpu")``.
 
@@ -239,8 +255,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for damaged files; all mean "unreadable"
         raise UsageError(f"checkpoint {path} cannot be read (truncated or not a torch file): {exc}") from None
-    if not isinstance(checkpoint, dict) or not {"config", "model", "data"} <= checkpoint.keys():
-        raise UsageError(f"{path} is not a checkpoint written by this train.py (no 'config'/'model'/'data' entries)")
+    if not isinstance(checkpoint, dict) or not {"config", "model", "training"} <= checkpoint.keys():
+        raise UsageError(f"{path} is not a checkpoint written by this train.py (no 'config'/'model'/'training' "
+                         "entries): retrain it with this version")
     return checkpoint
 
 
@@ -269,7 +286,7 @@ def training_memory_bytes(config: dict[str, Any], crop: Sequence[int], batch_siz
     adds its ``N x N`` map three times (logits, softmax, gradient).
     """
     filters = config["filters"]
-    voxels = [math.prod(crop) // 8**level for level in range(len(filters))]
+    voxels = [math.prod(c // f for c, f in zip(crop, factor)) for factor in level_factors(config)]
     total = 15 * sum(w * v for w, v in zip(filters, voxels))
     kind, placement = parse_method(config["method"])
     if kind == "ncl":

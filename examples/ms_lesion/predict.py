@@ -32,14 +32,16 @@ import torch
 from torch import nn
 
 from cli import (
-    Parser, add_data_options, add_inference_options, add_postprocessing_options, add_runtime_options, command,
-    configure_runtime, data_options, list_cases, select_device,
+    Parser, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
+    add_runtime_options, command, data_options, list_cases, say_nnunet_folders,
 )
-from data import CasePaths, DataError, DataOptions
+from config import recorded_config
+from data import CasePaths, DataError, DataOptions, resolve_layout
 from inference import segment
 from lesions import LESION_FIELDS, REPORT_FIELDS, label_lesions, lesion_table, remove_small_lesions, subject_summary
 from model import load_trained
 from run import UsageError, refuse_existing, save_atomically, write_csv
+from runtime import configure_runtime, select_device
 
 
 def outputs(case_id: str, args: argparse.Namespace) -> list[str]:
@@ -48,11 +50,11 @@ def outputs(case_id: str, args: argparse.Namespace) -> list[str]:
     return names + [f"{case_id}_prob.nii.gz"] * args.probabilities + [f"{case_id}_lesions.nii.gz"] * args.label_lesions
 
 
-def predict_case(model: nn.Module, paths: CasePaths, out: Path, meta: dict, options: DataOptions,
+def predict_case(model: nn.Module, paths: CasePaths, out: Path, tile: Sequence[int], options: DataOptions,
                  args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Load, segment, post-process and write one subject; returns its ``report.csv`` row."""
     case = options.load(paths)
-    probability, mask = segment(model, case.image, meta["crop"], overlap=args.overlap, device=device, mirror=args.tta)
+    probability, mask = segment(model, case.image, tile, overlap=args.overlap, device=device, mirror=args.tta)
     mask = remove_small_lesions(mask, np.diag([*case.spacing, 1.0]), args.min_lesion_size)
     labels, count = label_lesions(mask)
     # On the source grid: voxel indices map to millimetres through its affine.
@@ -70,12 +72,19 @@ def predict_case(model: nn.Module, paths: CasePaths, out: Path, meta: dict, opti
     return subject_summary(case.id, rows, np.asanyarray(mask_image.dataobj), source_probability)
 
 
-def check_out(out: Path, data: Path, subjects: Sequence[CasePaths], names: Sequence[str], overwrite: bool) -> None:
-    """Refuse an ``--out`` that holds input files, and existing outputs unless ``overwrite``."""
+def check_out(out: Path, data: Path, subjects: Sequence[CasePaths], names: Sequence[str], overwrite: bool,
+              nnunet: bool) -> None:
+    """Refuse an ``--out`` among the input data, and existing outputs unless ``overwrite``.
+
+    In the subject-folder layout any folder inside ``--data`` is (or would become) a subject folder, so
+    the masks written there would be read as inputs later, whether or not its files were recognised
+    now; in the nnU-Net layout the image and label folders are refused.
+    """
     inputs = {p.parent.resolve() for s in subjects for p in (*s.images.values(), s.mask, s.brain_mask) if p}
     inputs |= {(data / name).resolve() for name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
-    if out.resolve() in inputs:
-        raise UsageError(f"--out {out} is a folder of the input data; write the masks to another folder")
+    target = out.resolve()
+    if target in inputs or (not nnunet and target.is_relative_to(data.resolve())):
+        raise UsageError(f"--out {out} is inside the input data {data}; write the masks to a folder outside it")
     refuse_existing(out, names, overwrite)
 
 
@@ -91,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     outputs.add_argument("--label-lesions", action="store_true",
                          help="also write <id>_lesions.nii.gz, a uint16 map of the lesions numbered as in the CSV")
     add_data_options(parser)
+    add_nnunet_images_option(parser)
     add_inference_options(parser)
     add_runtime_options(parser)
     return parser
@@ -100,22 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = select_device(args.device)
-    configure_runtime(args)
+    configure_runtime(args.threads, not args.no_malloc_tuning)
     model, meta = load_trained(args.checkpoint, device)
-    options = data_options(args, DataOptions.from_record(meta["data"]))
+    trained = recorded_config(meta, args.checkpoint)
+    options = data_options(args, trained.data_options)
     if args.list:
         return list_cases(args.data, options, require_mask=False)
+    say_nnunet_folders(args.data, options, args.nnunet_images)
     errors: dict[str, DataError] = {}
-    subjects = options.find(args.data, require_mask=False, errors=errors)
+    subjects = options.find(args.data, require_mask=False, errors=errors, nnunet_images=args.nnunet_images)
     out = Path(args.out)
     names = [name for s in subjects for name in outputs(s.id, args)] + ["report.csv"]
-    check_out(out, Path(args.data), subjects, names, args.overwrite)
+    check_out(out, Path(args.data), subjects, names, args.overwrite, resolve_layout(args.data, options.layout) == "nnunet")
     for case_id, error in errors.items():  # missing or ambiguous files: reported, the others go on
         print(f"error: subject {case_id}: {error}", file=sys.stderr)
     failed, report = list(errors), []
     for paths in subjects:
         try:
-            report.append(predict_case(model, paths, out, meta, options, args, device))
+            report.append(predict_case(model, paths, out, trained.crop, options, args, device))
         except (DataError, OSError, ValueError, RuntimeError) as error:
             failed.append(paths.id)
             print(f"error: subject {paths.id}: {error}", file=sys.stderr)

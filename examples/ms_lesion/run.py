@@ -8,6 +8,7 @@ fsync, rename), so a kill never leaves half a file. A run folder holds only the 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -108,6 +109,10 @@ def read_split(path: str | Path) -> dict[str, list[str]]:
     if (not isinstance(split, dict) or not {"train", "test"} <= split.keys()
             or not all(isinstance(split[k], list) for k in ("train", "test"))):
         raise UsageError(f"split file {path} must hold a JSON object with 'train' and 'test' id lists")
+    extra = sorted(set(split) - {"train", "test"})
+    if extra:  # e.g. a "val" list: this pipeline has no validation set, and silently ignoring it would mislead
+        raise UsageError(f"split file {path} has keys {extra} besides 'train' and 'test'; this pipeline reads only "
+                         "those two: move the ids into 'train' or 'test', or remove the keys")
     return {"train": [str(i) for i in split["train"]], "test": [str(i) for i in split["test"]]}
 
 
@@ -158,11 +163,17 @@ def refuse_existing(out: Path, names: Sequence[str], overwrite: bool) -> None:
         raise UsageError(f"--out {out} already holds {shown}; pass --overwrite to replace them, or choose another --out")
 
 
-def differences(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
-    """``--name: recorded X, now Y`` for every key whose value differs (keys missing on one side count)."""
-    lines = []
-    for key in sorted(set(recorded) | set(requested)):
-        before, now = recorded.get(key, "<unset>"), requested.get(key, "<unset>")
-        if json_safe(before) != json_safe(now):
-            lines.append(f"--{key.replace('_', '-')}: recorded {before!r}, now {now!r}")
-    return lines
+def file_digest(path: str | Path) -> str:
+    """A short content hash of a file (BLAKE2b), to notice input files that changed between runs."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def changed_files(recorded: Mapping[str, Mapping[str, str]], now: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """``subject role`` for every file whose digest differs (or that appeared or went) between two records."""
+    return [f"{case} {role}" for case in sorted(set(recorded) | set(now))
+            for role in sorted(set(recorded.get(case, {})) | set(now.get(case, {})))
+            if recorded.get(case, {}).get(role) != now.get(case, {}).get(role)]

@@ -2,20 +2,20 @@
 
 The shape of a run (nnU-Net's ``run_training`` without the class hierarchy)::
 
-    prepare_out_folder -> load_training_data -> build_training -> resume_or_start
+    prepare_out_folder -> load_training_data -> build_run -> resume_or_start
     -> for each iteration: train_step, on_iteration_end (log, validate, checkpoint) -> finish
 
-Every option that changes the result is recorded in the checkpoint (``options``); ``--resume``
-refuses a command whose options differ, listing the differences.
+``run_training`` takes one ``TrainingConfig`` (config.py) and nothing else. The checkpoint records
+that configuration, the split and a content hash of every input file; ``--resume`` refuses a
+command that differs in anything but ``config.RUN_FIELDS``, listing the differences.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import dataclasses
 import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,51 +29,44 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cli import configure_runtime, data_options, select_device
-from data import Case, DataOptions, check_lesion_masks, mean_lesion_fraction, resolve_normalisation, sample_crop
+from config import TrainingConfig
+from data import Case, CasePaths, check_lesion_masks, mean_lesion_fraction, sample_crop
 from figures import save_attention_figure, save_comparison
 from inference import evaluate_cases, lesion_attention
 from loss import WeightedCrossEntropy, class_weights
-from model import build_model, model_config, read_checkpoint, set_output_prior, training_memory_bytes
+from model import build_model, crop_divisor, model_config, read_checkpoint, set_output_prior, training_memory_bytes
+from monitor import ALIVE_EFFECT, attention_state, attention_summary, log_columns, stayed_identity, watch
 from run import (
-    UsageError, check_split, differences, random_split, read_split, remove_run, run_files, save_atomically,
-    write_csv, write_json,
+    UsageError, changed_files, check_split, file_digest, random_split, read_split, remove_run, run_files,
+    save_atomically, write_csv, write_json,
 )
+from runtime import amp_dtype, configure_runtime, peak_memory_mb
 from sliceattn import NonLocal3d, RecurrentSliceAttention3d
 
-# train.py --preset: the values an explicit flag does not set. "paper" is the paper's protocol (for a GPU);
-# "cpu" the best measured configuration for 1 mm scans within 15 minutes on 2 CPU cores; "demo" the
-# no-data demo. docs/ms_lesion_training.md ("CPU or GPU") has the measurements that chose them.
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"iterations": 800, "batch_size": 4, "crop": (32, 128, 128), "filters": "paper",
-              "lesion_crop_fraction": 0.0, "val_every": 200, "lr_schedule": "constant"},
-    "cpu": {"iterations": 300, "batch_size": 2, "crop": (64, 64, 64), "filters": "half",
-            "lesion_crop_fraction": 0.5, "val_every": 0, "lr_schedule": "poly"},
-    "demo": {"iterations": 150, "batch_size": 2, "crop": (32, 64, 64), "filters": "tiny",
-             "lesion_crop_fraction": 0.5, "val_every": 75, "lr_schedule": "constant"},
-}
-LR_SCHEDULES: tuple[str, ...] = ("constant", "poly")
 DEMO_SUBJECTS = 12
 LOG_FIELDS = ("iteration", "loss", "seconds", "val_sample_dice", "val_voxel_dice", "val_voxel_lesion_f1")
-# Options that cannot change the trained weights or the metrics: they may differ on --resume.
-NEUTRAL_OPTIONS = frozenset({"no_progress", "checkpoint_every", "stop_at", "resume", "overwrite", "list", "device",
-                             "preset", "threads", "no_malloc_tuning",
-                             "val_every", "out", "iterations", "data", "layout", "pattern", "resample", "label2",
-                             "modalities", "normalisation"})
+
+
+@dataclass
+class TrainingData:
+    """The subjects of a run: loaded cases, the split, and a content hash of each input file."""
+
+    train_cases: list[Case]
+    test_cases: list[Case]
+    split: dict[str, list[str]]
+    files: dict[str, dict[str, str]]
 
 
 @dataclass
 class Run:
     """Everything a training run holds while it goes."""
 
-    args: argparse.Namespace
+    config: TrainingConfig
     out: Path
     device: torch.device
     rank: int
     world: int
-    train_cases: list[Case]
-    test_cases: list[Case]
-    split: dict[str, list[str]]
+    data: TrainingData
     network: nn.Module
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -82,6 +75,7 @@ class Run:
     amp_dtype: torch.dtype | None
     meta: dict[str, Any]
     start: int = 0
+    saved: int = 0          # the iteration of the last checkpoint written
     elapsed: float = 0.0
     log: list[dict[str, Any]] = field(default_factory=list)
 
@@ -93,108 +87,75 @@ class Run:
 # ------------------------------------------------------------------------------------------------ setup
 
 
-def choose_preset(args: argparse.Namespace, device: torch.device) -> tuple[str, str]:
-    """The preset of a run and why: ``--preset``, else demo without ``--data``, else by the device."""
-    if args.preset is not None:
-        return args.preset, "--preset"
-    if args.data is None:
-        return "demo", "no --data: the synthetic demo"
-    if device.type == "cuda":
-        return "paper", f"--data on {device}: the paper's protocol"
-    return "cpu", "--data on the CPU: the CPU preset (--preset paper for the paper's protocol, about 9 h here)"
-
-
-def learning_rate(args: argparse.Namespace, iteration: int) -> float:
-    """The learning rate of ``iteration`` (1-based): constant, or nnU-Net's polynomial decay
-    ``lr * (1 - (iteration - 1) / iterations) ** 0.9``."""
-    if args.lr_schedule == "poly":
-        return args.lr * (1.0 - (iteration - 1) / args.iterations) ** 0.9
-    return args.lr
-
-
-def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp`` on ``device`` (None on the CPU or with ``none``)."""
-    if device.type != "cuda" or choice == "none":
-        return None
-    if choice == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if choice == "bf16" else torch.float16
-
-
-def recorded_options(args: argparse.Namespace, data: DataOptions, split: dict[str, list[str]]) -> dict[str, Any]:
-    """The options that change the result, as recorded in the checkpoint and compared on ``--resume``."""
-    options = {k: v for k, v in vars(args).items() if k not in NEUTRAL_OPTIONS}
-    options["crop"] = list(options["crop"])
-    options["filters"] = options["filters"] if isinstance(options["filters"], str) else list(options["filters"])
-    return {**options, "data": str(Path(args.data).resolve()), **data.record(), "split": split}
-
-
-def prepare_out_folder(args: argparse.Namespace, main_process: bool) -> Path:
+def prepare_out_folder(config: TrainingConfig, main_process: bool) -> Path:
     """Check ``--out`` against ``--resume``/``--overwrite`` before any work; ``--overwrite`` removes the old run.
 
     Raises:
         UsageError: the folder holds a run and neither flag says what to do with it.
     """
-    out = Path(args.out)
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other: continue the run or replace it")
+    out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     existing = run_files(out)
-    has_checkpoint = (out / "checkpoint.pt").is_file()
-    if existing and not (args.resume or args.overwrite):
+    if existing and not (config.resume or config.overwrite):
         raise UsageError(f"--out {out} already holds a run ({', '.join(p.name for p in existing[:4])}); continue it "
                          "with --resume, replace it with --overwrite, or choose another --out")
-    if args.resume and existing and not has_checkpoint:
+    if config.resume and existing and not (out / "checkpoint.pt").is_file():
         raise UsageError(f"--resume: {out} holds run files but no checkpoint.pt to continue from; use --overwrite")
-    if args.overwrite and main_process:
+    if config.overwrite and main_process:
         remove_run(out)
     return out
 
 
-def check_crop(config: dict[str, Any], crop: Sequence[int], batch_size: int, device: torch.device) -> None:
+def check_crop(network_config: dict[str, Any], crop: Sequence[int], batch_size: int, device: torch.device) -> None:
     """Refuse a crop the U-Net cannot take, or one whose training step cannot fit in memory."""
-    divisor = 2 ** (len(config["filters"]) - 1)
-    if any(c % divisor for c in crop):
-        raise UsageError(f"--crop {' '.join(map(str, crop))}: every size must be a multiple of {divisor} "
-                         f"(2**{len(config['filters']) - 1} for {len(config['filters'])} levels), e.g. "
-                         f"{' '.join(str(max(divisor, c // divisor * divisor)) for c in crop)}")
-    need = training_memory_bytes(config, crop, batch_size)
+    divisor = crop_divisor(network_config)
+    if any(c % d for c, d in zip(crop, divisor)):
+        raise UsageError(f"--crop {' '.join(map(str, crop))}: the sizes must be multiples of "
+                         f"{' '.join(map(str, divisor))} for {len(network_config['filters'])} levels, e.g. "
+                         f"{' '.join(str(max(d, c // d * d)) for c, d in zip(crop, divisor))}")
+    need = training_memory_bytes(network_config, crop, batch_size)
     if device.type == "cuda":
         have, where = torch.cuda.get_device_properties(device).total_memory, f"{device} memory"
     else:
         have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
     if need > have:
         raise UsageError(f"--crop {' '.join(map(str, crop))} with --batch-size {batch_size} and filters "
-                         f"{config['filters']} needs at least {need / 2**30:.1f} GiB for training, more than "
+                         f"{network_config['filters']} needs at least {need / 2**30:.1f} GiB for training, more than "
                          f"{where} ({have / 2**30:.1f} GiB); use a smaller --crop, --batch-size or --filters")
 
 
-def load_training_data(args: argparse.Namespace, main_process: bool
-                       ) -> tuple[DataOptions, list[Case], list[Case], dict[str, list[str]]]:
-    """Resolve the data options, read the subjects, draw or read the split, and check the masks."""
-    if args.data is None:
-        from synthetic import default_cache_dir, make_cohort  # only the demo needs the generator
+def make_demo_cohort(config: TrainingConfig, main_process: bool) -> None:
+    """Generate the synthetic demo cohort in ``config.data`` on first use (rank 0; the others wait)."""
+    if main_process:
+        from synthetic import make_cohort  # only the demo needs the generator
 
-        args.data = str(default_cache_dir() / "demo-cohort")
-        if main_process:
-            print(f"no --data: generating/using the synthetic demo cohort ({DEMO_SUBJECTS} subjects) in {args.data}")
-            make_cohort(args.data, subjects=DEMO_SUBJECTS, preset="demo", seed=0, montage=False)
-        if dist.is_initialized():
-            dist.barrier()
-    options = data_options(args)
-    found = options.find(args.data)
+        print(f"no --data: generating/using the synthetic demo cohort ({DEMO_SUBJECTS} subjects) in {config.data}")
+        make_cohort(config.data, subjects=DEMO_SUBJECTS, preset="demo", seed=0, montage=False)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def input_digests(paths: CasePaths) -> dict[str, str]:
+    """A content hash of each of a subject's files, by role."""
+    files = {**paths.images, "mask": paths.mask, "brain_mask": paths.brain_mask}
+    return {role: file_digest(path) for role, path in files.items() if path is not None}
+
+
+def load_training_data(config: TrainingConfig, main_process: bool) -> TrainingData:
+    """Read the subjects, draw or read the split, hash the input files and check the masks."""
+    if config.demo_cohort:
+        make_demo_cohort(config, main_process)
+    found = config.data_options.find(config.data)
     ids = [p.id for p in found]
-    split = read_split(args.split) if args.split else random_split(ids, args.test_fraction, args.seed)
-    check_split(split, ids, args.split or "drawn with --test-fraction")
-    train_ids = set(split["train"])
-    training = [p for p in found if p.id in train_ids]
-    options = dataclasses.replace(options, normalisation=resolve_normalisation(options.normalisation, training))
-    wanted = train_ids | set(split["test"])
-    cases = [options.load(p) for p in found if p.id in wanted]
-    train_cases = [c for c in cases if c.id in train_ids]
+    split = read_split(config.split_file) if config.split_file else random_split(ids, config.test_fraction, config.seed)
+    check_split(split, ids, config.split_file or "drawn with --test-fraction")
+    used = [p for p in found if p.id in set(split["train"]) | set(split["test"])]
+    cases = {p.id: config.data_options.load(p) for p in used}
+    train_cases = [cases[i] for i in split["train"]]
     check_lesion_masks(train_cases)
-    return options, train_cases, [c for c in cases if c.id in set(split["test"])], split
+    check_lesion_masks([cases[i] for i in split["test"]], training=False)
+    return TrainingData(train_cases, [cases[i] for i in split["test"]], split, {p.id: input_digests(p) for p in used})
 
 
 def parameter_groups(network: nn.Module, weight_decay: float, attention_weight_decay: float) -> list[dict[str, Any]]:
@@ -214,92 +175,103 @@ def parameter_groups(network: nn.Module, weight_decay: float, attention_weight_d
             {"params": blocks, "weight_decay": attention_weight_decay}]
 
 
-def build_training(args: argparse.Namespace, options: DataOptions, train_cases: Sequence[Case],
-                   device: torch.device, distributed: bool
-                   ) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler, WeightedCrossEntropy,
-                              dict[str, Any]]:
-    """The network (seeded, prior-started), optimiser, gradient scaler, loss and the checkpoint metadata."""
-    r = mean_lesion_fraction(train_cases)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-    attention = {"scale": args.attention_scale} if args.method.startswith("rsa") else {}
-    config = model_config(args.method, in_channels=len(options.modalities), filters=args.filters,
-                          attention_options=attention)
-    network = build_model(**config)
-    if args.prior_start:
+def build_network(config: TrainingConfig, network_config: dict[str, Any], r: float) -> nn.Module:
+    """The seeded network, its output layer started at the weighted lesion prior (``--no-prior-start``: 0.5)."""
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    random.seed(config.seed)
+    network = build_model(**network_config)
+    if config.prior_start:
         # The constant prediction that minimises the weighted loss: p = w_l r / (w_l r + w_b (1 - r)).
-        background, lesion = class_weights(r, args.loss_weights)
+        background, lesion = class_weights(r, config.loss_weights)
         set_output_prior(network, lesion * r / (lesion * r + background * (1 - r)))
-    network = network.to(device)
-    optimizer = torch.optim.Adam(parameter_groups(network, args.weight_decay, args.attention_weight_decay), lr=args.lr)
-    dtype = amp_dtype(args.amp, device)
+    return network
+
+
+def build_run(config: TrainingConfig, network_config: dict[str, Any], data: TrainingData, out: Path,
+              device: torch.device, rank: int, world: int) -> Run:
+    """The network, optimiser, gradient scaler and loss of a run, and the metadata its checkpoints hold."""
+    r = mean_lesion_fraction(data.train_cases)
+    network = build_network(config, network_config, r).to(device)
+    watch(network)  # each block keeps its last (small) maps and its effect, for the log
+    optimizer = torch.optim.Adam(parameter_groups(network, config.weight_decay, config.attention_weight_decay),
+                                 lr=config.lr)
+    dtype = amp_dtype(config.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    criterion = WeightedCrossEntropy(r, args.loss_weights, distributed=distributed).to(device)
-    meta = {"config": config, "crop": list(args.crop), "modalities": list(options.modalities), "r": r,
-            "loss_weights": args.loss_weights, "data": options.record(), "iterations": args.iterations}
-    return network, optimizer, scaler, criterion, meta
+    criterion = WeightedCrossEntropy(r, config.loss_weights, distributed=world > 1).to(device)
+    meta = {"config": network_config, "training": config.record(), "r": r, "split": data.split, "files": data.files}
+    return Run(config, out, device, rank, world, data, network,
+               DistributedDataParallel(network) if world > 1 else network, optimizer, scaler, criterion, dtype, meta)
 
 
 def resume_or_start(run: Run) -> None:
-    """Load ``<out>/checkpoint.pt`` with ``--resume`` after checking it was made with the same options."""
+    """Load ``<out>/checkpoint.pt`` with ``--resume`` after checking it was made with the same options and files."""
     path = run.out / "checkpoint.pt"
-    if not (run.args.resume and path.is_file()):
-        if run.args.resume and run.main_process:
+    if not (run.config.resume and path.is_file()):
+        if run.config.resume and run.main_process:
             print(f"--resume: no {path} yet, starting from scratch")
         return
     state = read_checkpoint(path)
-    recorded = state.get("options", {})
-    if state["config"]["method"] != run.meta["config"]["method"] or state["config"]["filters"] != run.meta["config"]["filters"]:
-        raise UsageError(f"--resume: {path} holds a {state['config']['method']} network with filters "
-                         f"{state['config']['filters']}, not {run.meta['config']['method']} with "
-                         f"{run.meta['config']['filters']}; use the same --method/--filters or another --out")
-    changed = differences(recorded, run.meta["options"])
-    if changed:
-        raise UsageError(f"--resume: the command differs from the run in {path}: " + "; ".join(changed)
-                         + ". Resume with the recorded options, or start a new run (another --out, or --overwrite)")
-    if run.args.lr_schedule == "poly" and run.args.iterations != state.get("iterations"):
-        raise UsageError(f"--resume: --iterations {run.args.iterations} differs from the run's "
-                         f"{state.get('iterations')}, and the poly learning-rate schedule depends on it; give "
-                         f"--iterations {state.get('iterations')}")
-    if run.args.iterations < state["iteration"]:
-        raise UsageError(f"--resume: --iterations {run.args.iterations} is below the {state['iteration']} "
-                         f"iterations {path} already trained; give --iterations {state['iteration']} or more")
+    check_resumable(run, state, path)
     run.network.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    run.start, run.elapsed = state["iteration"], state["seconds"]
+    run.start = run.saved = state["iteration"]
+    run.elapsed = state["seconds"]
     run.log = read_log(run.out / "log.csv", run.start)
     if run.main_process:
         print(f"resuming {path} at iteration {run.start}")
 
 
+def check_resumable(run: Run, state: dict[str, Any], path: Path) -> None:
+    """Refuse to continue ``state`` with another configuration, split or input files, listing what differs."""
+    if "training" not in state:
+        raise UsageError(f"--resume: {path} was written by another version of train.py; start a new run (--overwrite)")
+    changed = run.config.resume_differences(state["training"])
+    if state["split"] != run.meta["split"]:
+        changed.append(f"the split: recorded {state['split']}, now {run.meta['split']}")
+    files = changed_files(state["files"], run.meta["files"])
+    if files:
+        changed.append(f"input files changed on disk since the run started: {', '.join(files)}")
+    if changed:
+        raise UsageError(f"--resume: the command differs from the run in {path}: " + "; ".join(changed)
+                         + ". Resume with the recorded options and files, or start a new run (another --out, or "
+                         "--overwrite)")
+    before, now = state["training"]["iterations"], run.config.iterations
+    if run.config.lr_schedule == "poly" and now != before:
+        raise UsageError(f"--resume: --iterations {now} differs from the run's {before}, and the poly "
+                         f"learning-rate schedule depends on it; give --iterations {before}")
+    if now < state["iteration"]:
+        raise UsageError(f"--resume: --iterations {now} is below the {state['iteration']} iterations {path} "
+                         f"already trained; give --iterations {state['iteration']} or more")
+
+
 # ------------------------------------------------------------------------------------------------- steps
 
 
-def batch_for(iteration: int, cases: Sequence[Case], args: argparse.Namespace, rank: int, world: int
+def batch_for(iteration: int, cases: Sequence[Case], config: TrainingConfig, rank: int, world: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's share of the global batch of ``iteration``.
 
     The crops of an iteration depend only on (seed, iteration): a resumed run sees the same data as an
     uninterrupted one, and the processes of a DDP run split one global batch.
     """
-    rng = np.random.default_rng([args.seed, iteration])
+    rng = np.random.default_rng([config.seed, iteration])
     crops = []
-    for _ in range(args.batch_size):
+    for _ in range(config.batch_size):
         case = cases[int(rng.integers(len(cases)))]
-        crops.append(sample_crop(case, args.crop, rng, lesion_fraction=args.lesion_crop_fraction,
-                                 centre=args.crop_centre))
-    share = crops[rank * args.batch_size // world:(rank + 1) * args.batch_size // world]
+        crops.append(sample_crop(case, config.crop, rng, lesion_fraction=config.lesion_crop_fraction,
+                                 centre=config.crop_centre))
+    share = crops[rank * config.batch_size // world:(rank + 1) * config.batch_size // world]
     return (torch.from_numpy(np.stack([c[0] for c in share])), torch.from_numpy(np.stack([c[1] for c in share])))
 
 
 def train_step(run: Run, iteration: int) -> float:
     """One optimiser step on this iteration's crops; returns the loss of the whole global batch."""
     for group in run.optimizer.param_groups:
-        group["lr"] = learning_rate(run.args, iteration)
-    image, label = batch_for(iteration, run.train_cases, run.args, run.rank, run.world)
+        group["lr"] = run.config.learning_rate(iteration)
+    image, label = batch_for(iteration, run.data.train_cases, run.config, run.rank, run.world)
     image, label = image.to(run.device, non_blocking=True), label.to(run.device, non_blocking=True)
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         logits = run.model(image)
@@ -317,10 +289,10 @@ def train_step(run: Run, iteration: int) -> float:
 
 def validate(run: Run) -> dict[str, float]:
     """Score the held-out subjects with the current weights."""
-    summary, _, _ = evaluate_cases(run.network, run.test_cases, run.args.crop, overlap=run.args.overlap,
-                                   device=run.device, amp_dtype=run.amp_dtype)
+    scores, _, _ = evaluate_cases(run.network, run.data.test_cases, run.config.crop, overlap=run.config.overlap,
+                                  device=run.device, amp_dtype=run.amp_dtype)
     run.network.train()
-    return summary
+    return scores
 
 
 def save_checkpoint(run: Run, iteration: int) -> None:
@@ -329,60 +301,34 @@ def save_checkpoint(run: Run, iteration: int) -> None:
              "scaler": run.scaler.state_dict(), "rng": rng_state(), "iteration": iteration, "seconds": run.elapsed}
     save_atomically(run.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
     write_log(run.out / "log.csv", run.log)
+    run.saved = iteration
 
 
 def on_iteration_end(run: Run, iteration: int, loss: float, stop: int, bar: tqdm) -> None:
-    """Log the loss, validate every ``--val-every`` iterations, checkpoint every ``--checkpoint-every``."""
-    args = run.args
-    row: dict[str, Any] = {"iteration": iteration, "loss": f"{loss:.6f}", "seconds": f"{run.elapsed:.2f}"}
-    if (run.main_process and run.test_cases and args.val_every and iteration % args.val_every == 0
-            and iteration < args.iterations):
-        summary = validate(run)
-        row.update({f"val_{k}": f"{summary[k]:.4f}" for k in ("sample_dice", "voxel_dice", "voxel_lesion_f1")})
-        bar.set_postfix(loss=f"{loss:.4f}", dice=f"{summary['sample_dice']:.3f}")
+    """Log the loss and the attention gates, validate every ``--val-every`` iterations, checkpoint every
+    ``--checkpoint-every``."""
+    config = run.config
+    row: dict[str, Any] = {"iteration": iteration, "loss": f"{loss:.6f}", "seconds": f"{run.elapsed:.2f}",
+                           **log_columns(attention_state(run.network))}
+    if (run.main_process and run.data.test_cases and config.val_every and iteration % config.val_every == 0
+            and iteration < config.iterations):
+        scores = validate(run)
+        row.update({f"val_{k}": f"{scores[k]:.4f}" for k in ("sample_dice", "voxel_dice", "voxel_lesion_f1")})
+        bar.set_postfix(loss=f"{loss:.4f}", dice=f"{scores['sample_dice']:.3f}")
     else:
         bar.set_postfix(loss=f"{loss:.4f}")
     run.log.append(row)
     bar.update(1)
-    if run.main_process and (iteration % args.checkpoint_every == 0 or iteration == stop):
+    if run.main_process and (iteration % config.checkpoint_every == 0 or iteration == stop):
         save_checkpoint(run, iteration)
 
 
-def run_training(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the training described by resolved ``args``; returns the final metrics (rank 0) or {}."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = select_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    out = prepare_out_folder(args, rank == 0)
-    configure_runtime(args, processes=world if device.type == "cpu" else 1)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = False
-    check_crop(model_config(args.method, filters=args.filters), args.crop, args.batch_size, device)
-    options, train_cases, test_cases, split = load_training_data(args, rank == 0)
-    network, optimizer, scaler, criterion, meta = build_training(args, options, train_cases, device, world > 1)
-    meta["options"] = recorded_options(args, options, split)
-    run = Run(args, out, device, rank, world, train_cases, test_cases, split, network,
-              DistributedDataParallel(network) if world > 1 else network, optimizer, scaler, criterion,
-              amp_dtype(args.amp, device), meta)
-    resume_or_start(run)
-    finished = run.start == args.iterations and (out / "metrics.json").is_file()
-    result: dict[str, Any] = {}
-    if finished:
-        if run.main_process:
-            print(f"{out} is already finished with these options ({args.iterations} iterations): nothing to do")
-    else:
-        if run.main_process:
-            out.mkdir(parents=True, exist_ok=True)
-        stop = min(args.iterations, args.stop_at or args.iterations)
-        # smoothing=0: the time to the end from the mean of all iterations so far, stable from the first few.
-        bar = tqdm(total=args.iterations, initial=run.start, disable=args.no_progress or not run.main_process,
-                   desc=args.method, dynamic_ncols=True, smoothing=0)
-        network.train()
+def train_loop(run: Run, stop: int) -> None:
+    """Iterations ``start + 1 .. stop``; Ctrl-C ends it with one line saying where the last checkpoint is."""
+    bar = tqdm(total=run.config.iterations, initial=run.start, disable=not (run.config.progress and run.main_process),
+               desc=run.config.method, dynamic_ncols=True, smoothing=0)  # smoothing=0: time to go from the mean
+    run.network.train()
+    try:
         for iteration in range(run.start + 1, stop + 1):
             tick = time.perf_counter()
             loss = train_step(run, iteration)
@@ -390,10 +336,52 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
             if iteration == run.start + 3 and run.main_process:
                 report_estimate(run, time.perf_counter() - tick, stop - iteration)
             on_iteration_end(run, iteration, loss, stop, bar)
+    except KeyboardInterrupt:
         bar.close()
+        raise KeyboardInterrupt(interrupted_message(run)) from None
+    bar.close()
+
+
+def interrupted_message(run: Run) -> str:
+    """Where a Ctrl-C leaves the run, and how to continue it."""
+    if not run.saved:
+        return (f"interrupted before the first checkpoint (every {run.config.checkpoint_every} iterations): nothing "
+                "to resume; run the command again")
+    return (f"interrupted: the last checkpoint is {run.out / 'checkpoint.pt'} (iteration {run.saved} of "
+            f"{run.config.iterations}); continue with the same command and --resume")
+
+
+def run_training(config: TrainingConfig) -> dict[str, Any]:
+    """Run the training ``config`` describes; returns the final metrics (rank 0) or {}."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(config.device)
+    if config.batch_size % world:
+        raise UsageError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
+    network_config = model_config(config.method, in_channels=len(config.data_options.modalities),
+                                  filters=config.filters, attention_options=config.attention_options)
+    check_crop(network_config, config.crop, config.batch_size, device)
+    out = prepare_out_folder(config, rank == 0)
+    configure_runtime(config.threads, config.malloc_tuning, processes=world if device.type == "cpu" else 1)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = False
+    run = build_run(config, network_config, load_training_data(config, rank == 0), out, device, rank, world)
+    resume_or_start(run)
+    result: dict[str, Any] = {}
+    if run.start == config.iterations and (out / "metrics.json").is_file():
+        if run.main_process:
+            print(f"{out} is already finished with these options ({config.iterations} iterations): nothing to do")
+    else:
+        if run.main_process:
+            out.mkdir(parents=True, exist_ok=True)
+        stop = min(config.iterations, config.stop_at or config.iterations)
+        train_loop(run, stop)
         if world > 1:
             dist.barrier()
-        if run.main_process and stop == args.iterations:
+        if run.main_process and stop == config.iterations:
             result = finish(run)
     if world > 1:
         dist.destroy_process_group()
@@ -403,46 +391,64 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
 def report_estimate(run: Run, seconds: float, remaining: int) -> None:
     """Print the expected training time once, from the third iteration (the first ones warm up)."""
     tqdm.write(f"{seconds:.2f} s per iteration: about {seconds * remaining / 60:.0f} min of training to go "
-               f"({remaining} iterations{', plus validation' if run.args.val_every else ''})")
+               f"({remaining} iterations{', plus validation' if run.config.val_every else ''})")
+
+
+# ------------------------------------------------------------------------------------------------ finish
 
 
 def finish(run: Run) -> dict[str, Any]:
-    """Write the final model, the held-out metrics, the predictions and the figure; print where."""
-    args, out = run.args, run.out
+    """Write the final model, the held-out metrics, the predictions and the figures; print where."""
+    config, out = run.config, run.out
     peak, peak_kind = peak_memory_mb(run.device)
-    model_path = out / "model.pt"
-    save_atomically(model_path, lambda tmp: torch.save({**run.meta, "model": run.network.state_dict()}, tmp))
-    write_json(out / "split.json", run.split)
-    result: dict[str, Any] = {"method": args.method, "iterations": args.iterations, "train_seconds": run.elapsed,
-                              "peak_memory_mb": peak, "peak_memory_kind": peak_kind, "r": run.meta["r"],
-                              "loss_weights": args.loss_weights, "train": run.split["train"],
-                              "test": run.split["test"], "options": run.meta["options"]}
-    if run.test_cases:
-        summary, rows, predictions = evaluate_cases(run.network, run.test_cases, args.crop, overlap=args.overlap,
-                                                    device=run.device, amp_dtype=run.amp_dtype)
-        result["summary"] = summary
-        run.log[-1].update({f"val_{k}": f"{summary[k]:.4f}" for k in ("sample_dice", "voxel_dice", "voxel_lesion_f1")})
-        write_csv(out / "cases.csv", rows)
-        for case_id, mask in predictions.items():
-            save_atomically(out / "predictions" / f"{case_id}.npz", lambda tmp, m=mask: np.savez_compressed(tmp, mask=m))
-        shown = max(run.test_cases, key=lambda c: int(np.count_nonzero(c.label == 1)))
-        flair = shown.modalities.index("flair") if "flair" in shown.modalities else 0
-        save_comparison(out / "figure.png", shown.image[flair], shown.label, {args.method: predictions[shown.id]},
-                        title=shown.id)
-        if args.method.startswith("rsa"):
-            steps, box = lesion_attention(run.network, shown, args.crop)
-            save_attention_figure(out / "attention.png", shown.image[(flair, *box)], shown.label[box], steps,
-                                  title=shown.id)
+    save_atomically(out / "model.pt", lambda tmp: torch.save({**run.meta, "model": run.network.state_dict()}, tmp))
+    write_json(out / "split.json", run.data.split)
+    state = attention_state(run.network)
+    result: dict[str, Any] = {"method": config.method, "iterations": config.iterations,
+                              "train_seconds": run.elapsed, "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
+                              "r": run.meta["r"], "train": run.data.split["train"], "test": run.data.split["test"],
+                              "training": run.meta["training"], **attention_summary(state)}
+    if run.data.test_cases:
+        result["summary"] = evaluate_and_draw(run)
     write_log(out / "log.csv", run.log)
     write_json(out / "metrics.json", result)
-    print(f"model:   {model_path}")
-    if run.test_cases:
+    warn_identity_blocks(run, state)
+    print(f"model:   {out / 'model.pt'}")
+    if run.data.test_cases:
         s = result["summary"]
         print(f"metrics: {out / 'metrics.json'} (held-out subjects: sample Dice {s['sample_dice']:.3f}, "
               f"voxel Dice {s['voxel_dice']:.3f}, lesion F1 {s['voxel_lesion_f1']:.3f})")
         print(f"figure:  {out / 'figure.png'}")
     print(f"log:     {out / 'log.csv'}  ({run.elapsed:.0f} s of training)")
     return result
+
+
+def evaluate_and_draw(run: Run) -> dict[str, float]:
+    """Score the held-out subjects, write ``cases.csv``, their masks and the figures; return the summary."""
+    config, out = run.config, run.out
+    scores, rows, predictions = evaluate_cases(run.network, run.data.test_cases, config.crop, overlap=config.overlap,
+                                               device=run.device, amp_dtype=run.amp_dtype)
+    run.log[-1].update({f"val_{k}": f"{scores[k]:.4f}" for k in ("sample_dice", "voxel_dice", "voxel_lesion_f1")})
+    write_csv(out / "cases.csv", rows)
+    for case_id, mask in predictions.items():
+        save_atomically(out / "predictions" / f"{case_id}.npz", lambda tmp, m=mask: np.savez_compressed(tmp, mask=m))
+    shown = max(run.data.test_cases, key=lambda c: int(np.count_nonzero(c.label == 1)))
+    flair = shown.modalities.index("flair") if "flair" in shown.modalities else 0
+    save_comparison(out / "figure.png", shown.image[flair], shown.label, {config.method: predictions[shown.id]},
+                    title=shown.id)
+    if config.attention == "rsa" and (shown.label == 1).any():
+        steps, box = lesion_attention(run.network, shown, config.crop)
+        save_attention_figure(out / "attention.png", shown.image[(flair, *box)], shown.label[box], steps, title=shown.id)
+    return scores
+
+
+def warn_identity_blocks(run: Run, state: dict[str, dict[str, float]]) -> None:
+    """Warn about attention blocks whose gates never left zero: the network trained without them."""
+    for name in stayed_identity(state):
+        print(f"warning: the attention block {name} stayed the identity (it changes its input by "
+              f"{state[name].get('effect', 0.0):.1e} < {ALIVE_EFFECT:g} after {run.config.iterations} iterations): "
+              "this run is a plain U-Net; check --attention-weight-decay "
+              f"(now {run.config.attention_weight_decay:g}) and docs/ms_lesion_training.md", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -465,17 +471,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory of this process: CUDA allocator peak on a GPU, else the peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda-allocated"
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return float("nan"), "unavailable"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu-max-rss"
-
-
 def read_log(path: Path, up_to: int) -> list[dict[str, str]]:
     """The log rows up to iteration ``up_to`` (a resumed run drops what it will redo)."""
     if not path.is_file():
@@ -485,5 +480,7 @@ def read_log(path: Path, up_to: int) -> list[dict[str, str]]:
 
 
 def write_log(path: Path, log: Sequence[dict[str, Any]]) -> None:
-    """The CSV log: one row per iteration, validation columns empty where not evaluated."""
-    write_csv(path, [{k: row.get(k, "") for k in LOG_FIELDS} for row in log])
+    """The CSV log: one row per iteration, validation columns empty where not evaluated, then the attention
+    columns (``monitor.log_columns``)."""
+    attention = [k for k in (log[0] if log else {}) if k not in LOG_FIELDS]
+    write_csv(path, [{k: row.get(k, "") for k in (*LOG_FIELDS, *attention)} for row in log])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 from pathlib import Path
 
@@ -14,14 +15,16 @@ import pytest
 import torch
 from torch import nn
 
-import cli
 import predict
+import runtime
 import train
 import training
+from config import PRESETS, TrainingConfig
 from data import DataOptions
 from inference import segment, sliding_window_probabilities
 from lesions import label_lesions, lesion_table, remove_small_lesions, voxel_volume_mm3
 from metrics import CONNECTIVITY_26
+from model import FILTER_PRESETS
 from scipy import ndimage
 
 
@@ -61,7 +64,7 @@ def run_predict_case(tmp_path: Path, **options) -> tuple[dict, Path]:
     args = argparse.Namespace(overlap=0.5, tta=False, min_lesion_size=0.0, probabilities=True, label_lesions=True)
     vars(args).update(options)
     out = tmp_path / "out"
-    row = predict.predict_case(FlairThreshold(), paths, out, {"crop": [16, 16, 16]}, data, args, torch.device("cpu"))
+    row = predict.predict_case(FlairThreshold(), paths, out, (16, 16, 16), data, args, torch.device("cpu"))
     return row, out
 
 
@@ -173,35 +176,32 @@ def test_attention_figure_reads_the_rsa_maps_around_the_largest_lesion(tmp_path:
 # ------------------------------------------------------------------------------------------ presets, runtime
 
 
-def resolved(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[argparse.Namespace, str]:
-    args = train.resolve(train.build_parser().parse_args(argv))
-    return args, capsys.readouterr().out
+def configured(argv: list[str]) -> tuple[TrainingConfig, str]:
+    return train.make_config(train.build_parser().parse_args(argv))
 
 
 @pytest.mark.parametrize("preset", ["paper", "cpu", "demo"])
-def test_presets_apply_and_explicit_flags_override(preset: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args, printed = resolved(["--data", str(tmp_path), "--preset", preset, "--device", "cpu"], capsys)
-    assert f"preset {preset} (--preset)" in printed
-    for key, value in training.PRESETS[preset].items():
-        assert getattr(args, key) == value, key
-    args, _ = resolved(["--data", str(tmp_path), "--preset", preset, "--iterations", "7", "--crop", "16", "16", "16",
-                        "--lr-schedule", "constant"], capsys)
-    assert (args.iterations, args.crop, args.lr_schedule) == (7, (16, 16, 16), "constant")
-    assert args.batch_size == training.PRESETS[preset]["batch_size"]
+def test_presets_apply_and_explicit_flags_override(preset: str, tmp_path: Path) -> None:
+    config, why = configured(["--data", str(tmp_path), "--preset", preset, "--device", "cpu"])
+    assert why == "--preset" and config.preset == preset
+    for key, value in PRESETS[preset].items():
+        expected = FILTER_PRESETS[value] if key == "filters" else value
+        assert getattr(config, key) == expected, key
+    config, _ = configured(["--data", str(tmp_path), "--preset", preset, "--iterations", "7", "--crop", "16", "16",
+                            "16", "--lr-schedule", "constant"])
+    assert (config.iterations, config.crop, config.lr_schedule) == (7, (16, 16, 16), "constant")
+    assert config.batch_size == PRESETS[preset]["batch_size"]
 
 
-def test_default_preset_follows_data_and_device(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolved([], capsys)[0].preset == "demo"
-    args, printed = resolved(["--data", str(tmp_path), "--device", "cpu"], capsys)
-    assert args.preset == "cpu" and "--data on the CPU" in printed and args.filters == "half"
-    cuda = argparse.Namespace(preset=None, data=str(tmp_path))
-    assert training.choose_preset(cuda, torch.device("cuda", 0))[0] == "paper"
-    text = capsys.readouterr().out
+def test_default_preset_follows_data_and_device(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert configured([])[0].preset == "demo"
+    config, why = configured(["--data", str(tmp_path), "--device", "cpu"])
+    assert config.preset == "cpu" and "--data on the CPU" in why and config.filters == FILTER_PRESETS["half"]
+    assert train.choose_preset(None, True, "cuda")[0] == "paper"
     with pytest.raises(SystemExit):
         train.build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    for name in training.PRESETS:
+    for name in PRESETS:
         assert f"\n  {name} " in text  # the preset table of --help
 
 
@@ -227,13 +227,13 @@ def test_attention_blocks_are_not_decayed_to_nothing_while_they_are_the_identity
     assert (end > 0.9 * start) is survives, (start, end)
 
 
-def test_poly_learning_rate_decays_to_zero_and_constant_stays() -> None:
-    args = argparse.Namespace(lr=1e-3, iterations=100, lr_schedule="poly")
-    assert training.learning_rate(args, 1) == pytest.approx(1e-3)
-    assert training.learning_rate(args, 51) == pytest.approx(1e-3 * 0.5**0.9)
-    assert 0 < training.learning_rate(args, 100) < 2e-5
-    args.lr_schedule = "constant"
-    assert training.learning_rate(args, 100) == 1e-3
+def test_poly_learning_rate_decays_to_zero_and_constant_stays(tmp_path: Path) -> None:
+    config, _ = configured(["--data", str(tmp_path), "--lr", "1e-3", "--iterations", "100", "--lr-schedule", "poly"])
+    assert config.learning_rate(1) == pytest.approx(1e-3)
+    assert config.learning_rate(51) == pytest.approx(1e-3 * 0.5**0.9)
+    assert 0 < config.learning_rate(100) < 2e-5
+    constant = dataclasses.replace(config, lr_schedule="constant")
+    assert constant.learning_rate(100) == 1e-3
 
 
 def test_threads_default_to_the_affinity_mask_and_a_busy_machine_warns(monkeypatch: pytest.MonkeyPatch,
@@ -242,14 +242,12 @@ def test_threads_default_to_the_affinity_mask_and_a_busy_machine_warns(monkeypat
     try:
         monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        args = argparse.Namespace(threads=None, no_malloc_tuning=True)
-        assert cli.configure_runtime(args) == cli.usable_cores() == torch.get_num_threads()
+        assert runtime.configure_runtime(None, False) == runtime.usable_cores() == torch.get_num_threads()
         assert capsys.readouterr().err == ""
         monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice is kept
-        assert cli.configure_runtime(args) == 1 == torch.get_num_threads()
-        monkeypatch.setattr(os, "getloadavg", lambda: (cli.usable_cores() + 3.0, 0.0, 0.0))
-        args.threads = 1
-        assert cli.configure_runtime(args) == 1 == torch.get_num_threads()
+        assert runtime.configure_runtime(None, False) == 1 == torch.get_num_threads()
+        monkeypatch.setattr(os, "getloadavg", lambda: (runtime.usable_cores() + 3.0, 0.0, 0.0))
+        assert runtime.configure_runtime(1, False) == 1 == torch.get_num_threads()
         assert "warning: the load average is" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
@@ -258,9 +256,9 @@ def test_threads_default_to_the_affinity_mask_and_a_busy_machine_warns(monkeypat
 @pytest.mark.skipif(not Path("/lib/x86_64-linux-gnu/libc.so.6").exists() and not Path("/lib64/libc.so.6").exists(),
                     reason="glibc only")
 def test_allocator_tuning_applies_on_glibc_and_respects_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert cli.tune_allocator() is True
+    assert runtime.tune_allocator() is True
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
-    assert cli.tune_allocator() is False
+    assert runtime.tune_allocator() is False
 
 
 @pytest.mark.slow

@@ -81,7 +81,7 @@ def test_training_writes_the_run_folder(rsa_run: Path) -> None:
     assert len(metrics["test"]) == 2 and not set(metrics["test"]) & set(metrics["train"])
     assert (rsa_run / "figure.png").read_bytes()[:4] == b"\x89PNG"
     model, meta = load_trained(rsa_run / "model.pt")
-    assert meta["crop"] == [16, 32, 32] and isinstance(model.bottom_attention, RecurrentSliceAttention3d)
+    assert meta["training"]["crop"] == [16, 32, 32] and isinstance(model.bottom_attention, RecurrentSliceAttention3d)
 
 
 def test_resume_equals_uninterrupted(cohort: Path, tmp_path: Path) -> None:
@@ -114,7 +114,7 @@ def test_predict_writes_masks_in_the_original_geometry(rsa_run: Path, cohort: Pa
     subjects = tmp_path / "subjects"
     for source in sorted(cohort.glob("sub-00[123]")):
         (subjects / source.name).mkdir(parents=True)
-        for name in ("t1", "t2", "flair", "brain_mask"):  # the model z-scores inside brain masks
+        for name in ("t1", "t2", "flair"):
             (subjects / source.name / f"{name}.nii.gz").write_bytes((source / f"{name}.nii.gz").read_bytes())
     (subjects / "sub-002" / "flair.nii.gz").write_bytes(b"not a nifti")  # a broken file
     (subjects / "sub-003" / "t2.nii.gz").unlink()  # a missing modality

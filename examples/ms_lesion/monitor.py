@@ -1,0 +1,89 @@
+"""Is the attention alive? Each block's gates and how far its maps are from uniform, logged while training.
+
+An attention block starts as the identity (RSA: ``alpha = 0``; non-local: a zero-initialised batch
+norm after its output convolution). If its gates stay near zero the network trains as a plain U-Net
+whatever the method's name says: the project once published a whole comparison made that way (Adam's
+weight decay held every block at the identity). ``train.py`` therefore logs, per block, every gate
+(``<block>.alpha_<axis>`` for RSA, ``<block>.gate`` for non-local: the root mean square of the batch
+norm's weight), the mean over rows of each attention map's largest weight (``<block>.max_weight...``:
+``1/L`` for a uniform map over ``L`` slices or voxels, 1 for a one-hot map) and the block's effect
+``||out - in|| / ||in||`` on the training batch (``<block>.effect``: the gate times what the attention
+adds, so it also sees projections decayed to zero under a non-zero gate), and warns at the end of a run
+when a block's effect stayed below ``ALIVE_EFFECT``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sliceattn import NonLocal3d, RecurrentSliceAttention3d
+
+# A block whose output differs from its input by less than this fraction (``effect``) at the end of
+# training stayed (numerically) the identity: the network trained as a plain U-Net.
+ALIVE_EFFECT = 1e-3
+
+
+def attention_blocks(network: nn.Module) -> dict[str, nn.Module]:
+    """The network's attention blocks by module name (e.g. ``bottom_attention``)."""
+    return {name: module for name, module in network.named_modules()
+            if isinstance(module, (RecurrentSliceAttention3d, NonLocal3d))}
+
+
+def _record_effect(block: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    with torch.no_grad():
+        block.effect = float((output - inputs[0]).float().norm() / inputs[0].float().norm().clamp_min(1e-12))
+
+
+def watch(network: nn.Module) -> None:
+    """Make every attention block keep its last forward's maps (detached; small for RSA) and its ``effect``
+    ``||out - in|| / ||in||``, for ``attention_state``."""
+    for block in attention_blocks(network).values():
+        block.save_attention = True
+        block.register_forward_hook(_record_effect)
+
+
+def gates(block: nn.Module) -> dict[str, float]:
+    """The block's gates: ``alpha_<axis>`` per RSA step, or ``gate`` for a non-local block."""
+    if isinstance(block, RecurrentSliceAttention3d):
+        return {f"alpha_{axis}": float(a) for axis, a in zip(block.order, block.alpha.detach().float().cpu())}
+    norm = next((m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+    if norm is None:  # no batch norm: the output convolution's weight is the gate
+        norm = block.W
+    return {"gate": float(norm.weight.detach().float().pow(2).mean().sqrt())}
+
+
+def max_weights(block: nn.Module) -> dict[str, float]:
+    """Mean over rows of each kept map's largest weight (empty before a forward with maps kept)."""
+    maps = getattr(block, "attention_maps", ())
+    if isinstance(block, RecurrentSliceAttention3d):
+        names = [f"max_weight_{axis}" for axis in block.order]
+    else:
+        names = ["max_weight"]
+    return {name: float(m.float().amax(-1).mean()) for name, m in zip(names, maps)}
+
+
+def attention_state(network: nn.Module) -> dict[str, dict[str, float]]:
+    """Every block's gates, map weights and effect (after ``watch``): ``{block name: {column: value}}``."""
+    return {name: {**gates(block), **max_weights(block), **({"effect": block.effect} if hasattr(block, "effect") else {})}
+            for name, block in attention_blocks(network).items()}
+
+
+def log_columns(state: dict[str, dict[str, float]]) -> dict[str, str]:
+    """``attention_state`` flattened into ``log.csv`` columns ``<block>.<column>``."""
+    return {f"{name}.{key}": f"{value:.6g}" for name, values in state.items() for key, value in values.items()}
+
+
+def stayed_identity(state: dict[str, dict[str, float]]) -> list[str]:
+    """The blocks whose last training forward changed their input by less than ``ALIVE_EFFECT``."""
+    return [name for name, values in state.items() if values.get("effect", 0.0) < ALIVE_EFFECT]
+
+
+def attention_summary(state: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """What ``metrics.json`` records: ``attention`` (the state) and ``attention_alive`` (None without blocks)."""
+    if not state:
+        return {"attention": {}, "attention_alive": None}
+    return {"attention": state, "attention_alive": not stayed_identity(state)}
+
