@@ -165,19 +165,21 @@ class TrainingConfig:
     def from_record(cls, record: Mapping[str, Any]) -> TrainingConfig:
         """The config a checkpoint recorded (``record()``'s inverse)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in record.items() if k in names}
+        values = {k: v for k, v in record.items() if k in names}  # a field added later takes its default
         return cls(**{**values, "data_options": DataOptions.from_record(record["data_options"]),
                       "crop": tuple(record["crop"]), "filters": tuple(record["filters"])})
 
     def resume_differences(self, recorded: Mapping[str, Any]) -> list[str]:
         """``--flag: recorded X, now Y`` for each weight-changing field that differs from ``recorded``.
 
-        ``iterations`` is left to the caller: a constant-schedule run may be extended.
+        ``iterations`` is left to the caller: a constant-schedule run may be extended. A field the record
+        lacks (added to the config after the run started) counts as its default.
         """
         now = self.record()
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
         lines = []
         for key in sorted((set(now) | set(recorded)) - RUN_FIELDS - {"iterations"}):
-            before, after = recorded.get(key, "<unset>"), now.get(key, "<unset>")
+            before, after = recorded.get(key, defaults.get(key, "<unset>")), now.get(key, "<unset>")
             if before != after:
                 lines.append(f"--{key.replace('_', '-')}: recorded {before!r}, now {after!r}")
         return lines
