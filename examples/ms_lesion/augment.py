@@ -249,7 +249,8 @@ def _pipelines(aug: Augmentation, crop: tuple[int, int, int]) -> tuple[BasicTran
         radians = math.radians(aug.rotation_degrees)
         spatial = SpatialTransform(
             crop, patch_center_dist_from_border=0, random_crop=False, p_rotation=aug.p_rotation,
-            rotation=(-radians, radians), p_scaling=aug.p_scaling, scaling=aug.scaling, p_synchronize_scaling_across_axes=1, p_elastic_deform=aug.p_elastic,
+            rotation=(-radians, radians), p_scaling=aug.p_scaling, scaling=aug.scaling,
+            p_synchronize_scaling_across_axes=1, p_elastic_deform=aug.p_elastic,
             elastic_deform_scale=(0.1, 0.2), elastic_deform_magnitude=(0.0, aug.elastic_voxels),
             mode_seg="nearest", border_mode_seg="constant", padding_value_seg=0)
     rest: list[BasicTransform] = [
