@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from augment import AUGMENTATIONS
 from data import CENTRES, DataOptions
 from inference import DEFAULT_OVERLAP
 from loss import WEIGHTINGS
@@ -29,11 +30,11 @@ from runtime import AMP_CHOICES
 # demo. docs/ms_lesion_training.md ("CPU or GPU") has the measurements that chose them.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"iterations": 800, "batch_size": 4, "crop": (32, 128, 128), "filters": "paper",
-              "lesion_crop_fraction": 0.0, "val_every": 200, "lr_schedule": "constant"},
+              "lesion_crop_fraction": 0.0, "val_every": 200, "lr_schedule": "constant", "augment": "none"},
     "cpu": {"iterations": 300, "batch_size": 2, "crop": (64, 64, 64), "filters": "half",
-            "lesion_crop_fraction": 0.5, "val_every": 0, "lr_schedule": "poly"},
+            "lesion_crop_fraction": 0.5, "val_every": 0, "lr_schedule": "poly", "augment": "none"},
     "demo": {"iterations": 150, "batch_size": 2, "crop": (32, 64, 64), "filters": "tiny",
-             "lesion_crop_fraction": 0.5, "val_every": 75, "lr_schedule": "constant"},
+             "lesion_crop_fraction": 0.5, "val_every": 75, "lr_schedule": "constant", "augment": "none"},
 }
 LR_SCHEDULES: tuple[str, ...] = ("constant", "poly")
 # Fields that cannot change the trained weights: --resume accepts other values for them. The data folder
@@ -95,6 +96,7 @@ class TrainingConfig:
     attention_weight_decay: float = 0.0
     loss_weights: str = "swapped"
     crop_centre: str = "brain"
+    augment: str = "none"                   # augment.AUGMENTATIONS; "none" is the paper's plain random crops
     seed: int = 0
     amp: str = "auto"
     checkpoint_every: int = 50
@@ -112,6 +114,7 @@ class TrainingConfig:
         _choice(self.lr_schedule, "--lr-schedule", LR_SCHEDULES)
         _choice(self.loss_weights, "--loss-weights", WEIGHTINGS)
         _choice(self.crop_centre, "--crop-centre", CENTRES)
+        _choice(self.augment, "--augment", AUGMENTATIONS)
         _choice(self.amp, "--amp", AMP_CHOICES)
         for flag, value, low in (("--iterations", self.iterations, 1), ("--batch-size", self.batch_size, 1),
                                  ("--checkpoint-every", self.checkpoint_every, 1), ("--val-every", self.val_every, 0),

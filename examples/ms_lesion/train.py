@@ -31,6 +31,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from augment import AUGMENTATIONS
 from cli import Parser, add_data_options, add_inference_options, add_runtime_options, command, data_options, list_cases
 from config import LR_SCHEDULES, PRESETS, TrainingConfig, parse_attention_scale, parse_filters
 from data import CENTRES
@@ -102,6 +103,10 @@ def add_training_options(train: argparse._ArgumentGroup) -> None:
                        f"on a lesion voxel {_preset_default('lesion_crop_fraction')}")
     train.add_argument("--crop-centre", choices=CENTRES, default=None,
                        help=f"other crops are centred on a random brain voxel or anywhere {_default('crop_centre')}")
+    train.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                       help="augmentation of each crop (batchgeneratorsv2): none (the paper's plain random crops), "
+                       "light (mirroring, intensity), default (nnU-Net's default transforms), heavy (more often, "
+                       f"stronger, elastic) {_preset_default('augment')}")
     train.add_argument("--no-prior-start", dest="prior_start", action="store_const", const=False, default=None,
                        help="start the output layer at p(lesion) = 0.5 instead of at the weighted lesion prior "
                        "(the prior start is a departure from the paper that saves hundreds of iterations)")
@@ -151,7 +156,7 @@ def make_config(args: argparse.Namespace) -> tuple[TrainingConfig, str]:
     preset, why = choose_preset(args.preset, args.data is not None, device.type)
     given = {name: getattr(args, name) for name in (
         "method", "iterations", "batch_size", "crop", "lr", "lr_schedule", "weight_decay", "attention_weight_decay",
-        "loss_weights", "lesion_crop_fraction", "crop_centre", "prior_start", "seed", "test_fraction", "resume",
+        "loss_weights", "lesion_crop_fraction", "crop_centre", "augment", "prior_start", "seed", "test_fraction", "resume",
         "overwrite", "checkpoint_every", "val_every", "amp", "stop_at", "progress", "threads", "overlap")}
     values = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
     if args.data is None:

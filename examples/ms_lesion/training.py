@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from augment import augment, margin
 from config import TrainingConfig
 from data import Case, CasePaths, check_lesion_masks, mean_lesion_fraction, sample_crop
 from figures import save_attention_figure, save_comparison
@@ -254,15 +255,19 @@ def batch_for(iteration: int, cases: Sequence[Case], config: TrainingConfig, ran
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's share of the global batch of ``iteration``.
 
-    The crops of an iteration depend only on (seed, iteration): a resumed run sees the same data as an
-    uninterrupted one, and the processes of a DDP run split one global batch.
+    The crops of an iteration (and their augmentation, ``--augment``) depend only on (seed, iteration):
+    a resumed run sees the same data as an uninterrupted one, and the processes of a DDP run split one
+    global batch.
     """
     rng = np.random.default_rng([config.seed, iteration])
+    # Rotation and scaling read around the crop: cut a larger one, which augment() resamples to the crop.
+    sampled = tuple(c + 2 * m for c, m in zip(config.crop, margin(config.augment, config.crop)))
     crops = []
     for _ in range(config.batch_size):
         case = cases[int(rng.integers(len(cases)))]
-        crops.append(sample_crop(case, config.crop, rng, lesion_fraction=config.lesion_crop_fraction,
-                                 centre=config.crop_centre))
+        image, label = sample_crop(case, sampled, rng, lesion_fraction=config.lesion_crop_fraction,
+                                   centre=config.crop_centre)
+        crops.append(augment(image, label, rng, config.augment, config.crop))
     share = crops[rank * config.batch_size // world:(rank + 1) * config.batch_size // world]
     return (torch.from_numpy(np.stack([c[0] for c in share])), torch.from_numpy(np.stack([c[1] for c in share])))
 

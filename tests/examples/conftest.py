@@ -16,7 +16,7 @@ if str(EXAMPLE_DIR) not in sys.path:
     sys.path.insert(0, str(EXAMPLE_DIR))
 
 #: import names of the ``examples`` extra in pyproject.toml
-EXAMPLE_EXTRAS = ("nibabel", "nilearn", "scipy", "tqdm", "matplotlib")
+EXAMPLE_EXTRAS = ("nibabel", "nilearn", "scipy", "tqdm", "matplotlib", "batchgeneratorsv2")
 
 
 def missing_extras() -> list[str]:

@@ -228,3 +228,25 @@ def test_data_options_refuse_unknown_and_repeated_modalities() -> None:
         DataOptions(modalities=("t1", "t1"))
     with pytest.raises(ValueError, match="normalisation must be one of"):
         DataOptions(normalisation="auto")
+
+
+def test_batches_without_augmentation_are_todays_crops_and_augmented_ones_keep_the_shape(cohort: Path) -> None:
+    from data import sample_crop
+
+    config = config_of(["--data", str(cohort), "--out", "x", *TINY])
+    cases = [DataOptions().load(p) for p in DataOptions().find(cohort)]
+    image, label = training.batch_for(5, cases, config, 0, 1)
+    rng = np.random.default_rng([config.seed, 5])
+    expected = []
+    for _ in range(config.batch_size):
+        case = cases[int(rng.integers(len(cases)))]
+        expected.append(sample_crop(case, config.crop, rng, lesion_fraction=config.lesion_crop_fraction,
+                                    centre=config.crop_centre))
+    assert torch.equal(image, torch.from_numpy(np.stack([e[0] for e in expected])))
+    assert torch.equal(label, torch.from_numpy(np.stack([e[1] for e in expected])))
+    augmented = dataclasses.replace(config, augment="default")
+    image_a, label_a = training.batch_for(5, cases, augmented, 0, 1)
+    assert image_a.shape == image.shape and label_a.shape == label.shape and image_a.dtype == torch.float32
+    assert set(torch.unique(label_a).tolist()) <= {0, 1, 255} and not torch.equal(image_a, image)
+    again = training.batch_for(5, cases, augmented, 0, 1)
+    assert torch.equal(again[0], image_a) and torch.equal(again[1], label_a)
