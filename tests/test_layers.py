@@ -237,6 +237,12 @@ def test_data_parallel_replica_keeps_gates() -> None:
         (lambda: RecurrentSliceAttention3d(4, qk_channels=0), ValueError, "qk_channels must be >= 1"),
         (lambda: RecurrentSliceAttention3d(4, impl="auto"), ValueError, "impl='auto' is not supported"),
         (lambda: RecurrentSliceAttention3d(4, save_attention=1), TypeError, "save_attention must be a bool"),
+        (lambda: RecurrentSliceAttention3d(4, alpha_init=float("nan")), ValueError, "alpha_init must be a finite number, got nan"),
+        (lambda: SliceAttention3d(4, "axial", alpha_init=float("-inf")), ValueError, "alpha_init must be a finite number, got -inf"),
+        (lambda: RecurrentSliceAttention3d(4, alpha_init="0.5"), TypeError, "alpha_init must be a float, got str"),
+        (lambda: RecurrentSliceAttention3d(4, alpha_init=True), TypeError, "alpha_init must be a float, got bool"),
+        (lambda: SliceAttention3d(4, "axial", scale=float("nan")), ValueError, "scale must be a finite positive number, got nan"),
+        (lambda: RecurrentSliceAttention3d(4, scale=float("inf")), ValueError, "scale must be a finite positive number, got inf"),
     ],
 )
 def test_bad_options_raise(build, error: type, fragment: str) -> None:

@@ -21,7 +21,7 @@ from augment import AUGMENTATIONS
 from data import CENTRES, DataOptions
 from inference import DEFAULT_OVERLAP
 from loss import WEIGHTINGS
-from model import FILTER_PRESETS, METHODS, resolve_filters
+from model import FILTER_PRESETS, METHODS, parse_method, resolve_filters
 from run import UsageError
 from runtime import AMP_CHOICES
 
@@ -141,8 +141,9 @@ class TrainingConfig:
 
     @property
     def attention(self) -> str | None:
-        """The attention kind of ``method`` (``"rsa"``, ``"ncl"``) or None for the plain U-Net."""
-        return None if self.method == "unet" else self.method.split("-")[0]
+        """The attention kind of ``method`` (``sliceattn.build_attention``'s ``"rsa"`` or ``"nonlocal"``), None for
+        the plain U-Net."""
+        return parse_method(self.method)[0]
 
     @property
     def attention_options(self) -> dict[str, Any]:

@@ -8,8 +8,10 @@ Attention blocks sit after a level's conv block; a placement is three bits:
 - ``101``: the encoder and the decoder of the second-bottom level;
 - ``111``: all three; ``000``: none (the plain U-Net).
 
-``rsa`` blocks are ``RecurrentSliceAttention3d`` (identity at init), ``ncl`` blocks ``NonLocal3d``.
-Method names: ``unet``, ``rsa-010``, ``rsa-101``, ``rsa-111``, ``ncl-010``, ``ncl-101``, ``ncl-111``.
+Method names (the paper's Table 1): ``unet``, ``rsa-010``, ``rsa-101``, ``rsa-111``, ``ncl-010``,
+``ncl-101``, ``ncl-111``. The blocks come from the library's factory, ``sliceattn.build_attention``:
+``rsa`` methods use kind ``"rsa"`` (``RecurrentSliceAttention3d``, identity at init), ``ncl`` methods
+kind ``"nonlocal"`` (``NonLocal3d``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from run import UsageError
-from sliceattn import NonLocal3d, RecurrentSliceAttention3d
+from sliceattn import ATTENTION_BLOCKS, build_attention
 
 METHODS: tuple[str, ...] = ("unet", "rsa-010", "rsa-101", "rsa-111", "ncl-010", "ncl-101", "ncl-111")
 PLACEMENTS: tuple[str, ...] = ("000", "010", "101", "111")
-ATTENTIONS: tuple[str, ...] = ("rsa", "ncl")
+# A method name's prefix (the paper's) -> the library's attention kind.
+METHOD_KINDS: dict[str, str] = {"rsa": "rsa", "ncl": "nonlocal"}
 # Filters per level. "paper" is the paper's backbone; the others keep its shape for CPU runs ("half" is the
 # CPU preset's network).
 FILTER_PRESETS: dict[str, tuple[int, ...]] = {
@@ -45,14 +48,15 @@ def parse_method(method: str) -> tuple[str | None, str]:
         method: one of ``METHODS``.
 
     Returns:
-        ``(None, "000")`` for ``"unet"``, else e.g. ``("rsa", "101")``.
+        ``(None, "000")`` for ``"unet"``, else the ``sliceattn.build_attention`` kind and the
+        placement, e.g. ``("rsa", "101")`` or ``("nonlocal", "010")`` for ``"ncl-010"``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "unet":
         return None, "000"
-    kind, placement = method.split("-")
-    return kind, placement
+    prefix, placement = method.split("-")
+    return METHOD_KINDS[prefix], placement
 
 
 def resolve_filters(filters: str | Sequence[int]) -> tuple[int, ...]:
@@ -65,6 +69,37 @@ def resolve_filters(filters: str | Sequence[int]) -> tuple[int, ...]:
     if len(channels) < 2 or min(channels) < 1:
         raise ValueError(f"filters must be at least two positive ints (one per level), got {filters!r}")
     return channels
+
+
+def resolve_strides(strides: Sequence[int | Sequence[int]] | None, steps: int) -> list[tuple[int, int, int]]:
+    """Pooling factors per down step as ``(d, h, w)`` triples; ``None`` means 2 everywhere.
+
+    Raises:
+        ValueError: not one entry per down step, or a factor below 1.
+    """
+    strides = [2] * steps if strides is None else list(strides)
+    if len(strides) != steps:
+        raise ValueError(f"strides must have one entry per down step ({steps}), got {strides!r}")
+    triples = [(s, s, s) if isinstance(s, int) else tuple(int(v) for v in s) for s in strides]
+    if any(len(t) != 3 or min(t) < 1 for t in triples):
+        raise ValueError(f"strides must be positive ints or (d, h, w) triples of them, got {strides!r}")
+    return triples  # type: ignore[return-value]
+
+
+def _divisor(strides: Sequence[tuple[int, int, int]]) -> tuple[int, int, int]:
+    return tuple(math.prod(s[axis] for s in strides) for axis in range(3))  # type: ignore[return-value]
+
+
+def crop_divisor(config: dict[str, Any]) -> tuple[int, int, int]:
+    """What each crop (and padded scan) size must be a multiple of, per axis ``(D, H, W)``, for a model config.
+
+    The product of the pooling factors along each axis: ``2 ** (len(filters) - 1)`` with the default
+    strides. ``UNet3d(...).divisor`` is the same, without building the network.
+
+    Args:
+        config: a ``model_config`` dict (its ``filters`` and ``strides``).
+    """
+    return _divisor(resolve_strides(config.get("strides"), len(config["filters"]) - 1))
 
 
 class ConvBlock(nn.Sequential):
@@ -87,16 +122,6 @@ def _groups(channels: int, norm_groups: int) -> int:
     return max(g for g in range(1, min(norm_groups, channels) + 1) if channels % g == 0)
 
 
-def attention_block(kind: str, channels: int, options: dict[str, Any] | None = None) -> nn.Module:
-    """One attention block of ``kind`` (``"rsa"`` or ``"ncl"``) for ``channels`` feature maps."""
-    options = dict(options or {})
-    if kind == "rsa":
-        return RecurrentSliceAttention3d(channels, **options)
-    if kind == "ncl":
-        return NonLocal3d(channels, **options)
-    raise ValueError(f"attention must be one of {ATTENTIONS}, got {kind!r}")
-
-
 class UNet3d(nn.Module):
     """3-D U-Net with optional attention blocks at the paper's placements.
 
@@ -105,13 +130,14 @@ class UNet3d(nn.Module):
         out_channels: classes (2: background, lesion); the output is logits.
         channels: filters per level, top to bottom; ``len(channels) - 1`` down steps.
         strides: pooling factor per down step, an int or a (d, h, w) triple each; default 2 everywhere.
-        attention: ``None``, ``"rsa"`` or ``"ncl"``.
+        attention: ``None`` or a ``sliceattn.build_attention`` kind (``"rsa"``, ``"nonlocal"``).
         placement: ``"000"``, ``"010"``, ``"101"`` or ``"111"`` (see the module docstring).
-        attention_options: keyword arguments of the attention block (e.g. ``{"scale": "auto"}``).
+        attention_options: keyword arguments of the attention block (e.g. ``{"scale": "auto"}``),
+            checked by ``sliceattn.build_attention``.
         norm_groups: GroupNorm groups (fewer when a level has fewer channels).
 
     Shapes: ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)``; ``D, H, W`` must be
-    divisible by the product of the strides along each axis (``divisor``).
+    divisible by the product of the strides along each axis (``divisor``, see ``crop_divisor``).
     """
 
     def __init__(
@@ -131,20 +157,17 @@ class UNet3d(nn.Module):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if attention is None and placement != "000":
-            raise ValueError(f"placement {placement!r} needs an attention kind {ATTENTIONS}, got attention=None")
-        if attention is not None and attention not in ATTENTIONS:
-            raise ValueError(f"attention must be None or one of {ATTENTIONS}, got {attention!r}")
+            raise ValueError(f"placement {placement!r} needs an attention kind {sorted(ATTENTION_BLOCKS)}, got attention=None")
+        if attention is not None and attention not in ATTENTION_BLOCKS:
+            raise ValueError(f"attention must be None or one of {sorted(ATTENTION_BLOCKS)}, got {attention!r}")
         if len(channels) < 3 and placement[0] == "1":
             raise ValueError(f"placement {placement!r} needs at least 3 levels, got channels={channels}")
-        steps = len(channels) - 1
-        strides = [2] * steps if strides is None else list(strides)
-        if len(strides) != steps:
-            raise ValueError(f"strides must have one entry per down step ({steps}), got {strides!r}")
-        self.strides = [(s, s, s) if isinstance(s, int) else tuple(int(v) for v in s) for s in strides]
-        self.divisor = crop_divisor({"filters": channels, "strides": self.strides})
+        self.strides = resolve_strides(strides, len(channels) - 1)
+        self.divisor = _divisor(self.strides)
+        options = dict(attention_options or {})
 
         def maybe_attention(on: str, width: int) -> nn.Module:
-            return attention_block(attention, width, attention_options) if on == "1" else nn.Identity()
+            return build_attention(attention, width, **options) if on == "1" else nn.Identity()
 
         self.encoders = nn.ModuleList()
         previous = in_channels
@@ -200,22 +223,6 @@ def model_config(
         "strides": None if strides is None else [s if isinstance(s, int) else list(s) for s in strides],
         "attention_options": dict(attention_options or {}),
     }
-
-
-def level_factors(config: dict[str, Any]) -> list[tuple[int, int, int]]:
-    """Each level's down-sampling factor per axis ``(D, H, W)``, from ``(1, 1, 1)`` at the top (``model_config``'s
-    ``filters`` and ``strides``; default strides 2)."""
-    strides = config.get("strides") or [2] * (len(config["filters"]) - 1)
-    factors = [(1, 1, 1)]
-    for stride in strides:
-        step = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
-        factors.append(tuple(f * s for f, s in zip(factors[-1], step)))  # type: ignore[arg-type]
-    return factors
-
-
-def crop_divisor(config: dict[str, Any]) -> tuple[int, int, int]:
-    """What every crop (and tile) size must be a multiple of, per axis: the bottom level's factor."""
-    return level_factors(config)[-1]
 
 
 def build_model(method: str, **options: Any) -> UNet3d:
@@ -286,10 +293,11 @@ def training_memory_bytes(config: dict[str, Any], crop: Sequence[int], batch_siz
     adds its ``N x N`` map three times (logits, softmax, gradient).
     """
     filters = config["filters"]
-    voxels = [math.prod(c // f for c, f in zip(crop, factor)) for factor in level_factors(config)]
+    strides = resolve_strides(config.get("strides"), len(filters) - 1)
+    voxels = [math.prod(crop) // math.prod(_divisor(strides[:level])) for level in range(len(filters))]
     total = 15 * sum(w * v for w, v in zip(filters, voxels))
     kind, placement = parse_method(config["method"])
-    if kind == "ncl":
+    if kind == "nonlocal":
         sites = [voxels[-1]] * (placement[1] == "1") + [voxels[-2]] * 2 * (placement[0] == "1")
         total += 3 * sum(n * n for n in sites)
     return 4 * batch_size * total

@@ -11,15 +11,14 @@ import csv
 import hashlib
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from data import read_json
+from sliceattn.io import save_atomically  # the scripts import it from here
 
 RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "model.pt", "log.csv", "split.json", "metrics.json", "cases.csv",
                               "figure.png", "attention.png")
@@ -28,37 +27,6 @@ PREDICTIONS = "predictions"
 
 class UsageError(ValueError):
     """A user mistake on the command line; the scripts print it as one ``error:`` line and exit 2."""
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def save_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temporary_path)`` then rename the file to ``path``: readers never see half a file.
-
-    The temporary file sits in the same folder (a rename across file systems is not atomic) and keeps
-    the final name's suffixes (nibabel picks the format from them).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix="".join(path.suffixes), dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(name))
-        with open(name, "rb") as written:  # on disk before the rename, so a crash cannot leave an empty file
-            os.fsync(written.fileno())
-        os.chmod(name, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None) -> Path:

@@ -2,6 +2,7 @@
 
 from . import cost
 from ._checks import AXIS_NAMES
+from .factory import ATTENTION_BLOCKS, build_attention
 from .functional import slice_attention
 from .layers import QKVProjection, RecurrentSliceAttention3d, SliceAttention3d
 from .nonlocal_block import NonLocal3d
@@ -9,12 +10,14 @@ from .nonlocal_block import NonLocal3d
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATTENTION_BLOCKS",
     "AXIS_NAMES",
     "NonLocal3d",
     "QKVProjection",
     "RecurrentSliceAttention3d",
     "SliceAttention3d",
     "__version__",
+    "build_attention",
     "cost",
     "slice_attention",
 ]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Union
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -88,6 +91,27 @@ def check_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def check_finite_float(value: object, name: str) -> float:
+    """Return ``value`` as a ``float`` if it is a finite real number (not a bool), else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def check_mapping(value: object, name: str) -> dict[str, Any]:
+    """Return a ``dict`` copy of ``value`` if it is ``None`` (empty) or a mapping with string keys, else raise naming ``name``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping of option names to values, got {type(value).__name__}")
+    keys = [key for key in value if not isinstance(key, str)]
+    if keys:
+        raise TypeError(f"{name} must have option names (str) as keys, got {keys!r}")
+    return dict(value)
 
 
 def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:

@@ -21,6 +21,7 @@ from ._checks import (
     check_bool,
     check_choice,
     check_feature_map,
+    check_finite_float,
     check_positive_int,
     low_precision,
     resolve_axis,
@@ -104,7 +105,8 @@ class _GatedSliceBlock(nn.Module):
         self.projection = QKVProjection(channels, qk_channels or channels, device=device, dtype=dtype) if projection else None
         # one plain Parameter holding every step's gate (nn.ParameterList breaks DataParallel replicas)
         shape = () if steps is None else (steps,)
-        self.alpha = nn.Parameter(torch.full(shape, float(alpha_init), device=device, dtype=dtype))
+        alpha_init = check_finite_float(alpha_init, "alpha_init")  # a NaN gate would poison every output
+        self.alpha = nn.Parameter(torch.full(shape, alpha_init, device=device, dtype=dtype))
         self.attention_maps = ()
 
     def _check_input(self, x: Tensor) -> None:

@@ -18,13 +18,14 @@ Segmentation", MICCAI 2019.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any, Optional
 
 from torch import nn
 
-from .nnunet.plans import build_attention
+from ._checks import check_mapping
+from ._optional import optional_import
+from .factory import build_attention
 
 __all__ = ["RSABasicUNet", "RSADynUNet", "RSAUNet"]
 
@@ -45,13 +46,13 @@ class _BottomAttention:
                 f"{type(self).__name__} puts a 3-D attention block in the network: spatial_dims must be 3, got {spatial_dims!r}"
             )
         # before the MONAI __init__: UNet's calls _get_bottom_layer, which builds the block
-        self.attention_options = (attention, attention_kwargs)
+        self.attention_options = (attention, check_mapping(attention_kwargs, "attention_kwargs"))
         super().__init__(spatial_dims, *args, **kwargs)  # the MONAI network
         self._insert_attention()
 
     def _attention_block(self, channels: int) -> nn.Module:
-        attention, attention_kwargs = self.attention_options
-        return build_attention(attention, channels, attention_kwargs)
+        attention, options = self.attention_options
+        return build_attention(attention, channels, **options)
 
     def _insert_attention(self) -> None:
         """Add the block after MONAI's ``__init__`` (and its weight initialisation)."""
@@ -59,10 +60,7 @@ class _BottomAttention:
 
 def _define(name: str) -> type:
     """Build the subclass ``name`` of its MONAI network (MONAI imported here, on first use)."""
-    try:
-        nets = importlib.import_module("monai.networks.nets")
-    except ImportError as error:
-        raise ImportError(f"sliceattn.monai.{name} needs MONAI: pip install 'sliceattn[monai]'") from error
+    nets = optional_import("monai.networks.nets", extra="monai", needed_by=f"sliceattn.monai.{name}")
 
     class RSAUNet(_BottomAttention, nets.UNet):
         """``monai.networks.nets.UNet`` with an attention block after its bottom layer.

@@ -103,10 +103,12 @@ def test_bad_arguments(cls: type) -> None:
     kwargs = KWARGS[cls]
     with pytest.raises(ValueError, match="spatial_dims must be 3, got 2"):
         cls(**{**kwargs, "spatial_dims": 2})
-    with pytest.raises(ValueError, match=r"attention must be one of \['nonlocal', 'rsa'\], got 'gate'"):
+    with pytest.raises(ValueError, match=r"attention kind must be one of \['nonlocal', 'rsa'\], got 'gate'"):
         cls(**kwargs, attention="gate")
-    with pytest.raises(TypeError, match="attention_kwargs=\\{'heads': 8\\}"):
+    with pytest.raises(ValueError, match=r"attention kind 'rsa' \(RecurrentSliceAttention3d\) takes no option 'heads'"):
         cls(**kwargs, attention_kwargs={"heads": 8})
+    with pytest.raises(TypeError, match="attention_kwargs must be a mapping"):
+        cls(**kwargs, attention_kwargs=[("order", (2, 3, 4))])
 
 
 def test_missing_monai_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,12 +127,12 @@ def test_nonlocal_feature_map_size_counts_the_map() -> None:
     ("kwargs", "error", "fragment"),
     [
         ({"conv_op": nn.Conv2d, "kernel_sizes": 3}, ValueError, "needs conv_op=torch.nn.Conv3d"),
-        ({"attention": "transformer"}, ValueError, "attention must be one of ['nonlocal', 'rsa']"),
+        ({"attention": "transformer"}, ValueError, "attention kind must be one of ['nonlocal', 'rsa']"),
         ({"attention_stages": [3]}, ValueError, "attention_stages must hold encoder stage indices in [-3, 2]"),
         ({"attention_stages": [2, -1]}, ValueError, "distinct stages"),
         ({"attention_stages": []}, TypeError, "non-empty sequence"),
         ({"attention_stages": "-1"}, TypeError, "non-empty sequence"),
-        ({"attention_kwargs": {"heads": 2}}, TypeError, "attention_kwargs={'heads': 2}"),
+        ({"attention_kwargs": {"heads": 2}}, ValueError, "attention kind 'rsa' (RecurrentSliceAttention3d) takes no option 'heads'"),
         ({"attention_kwargs": [("order", (2, 3, 4))]}, TypeError, "attention_kwargs must be a mapping"),
     ],
 )

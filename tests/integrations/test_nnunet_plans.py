@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sliceattn.nnunet import add_attention_configuration, resolve_configuration
+from sliceattn.nnunet.plans import PlansError
 from sliceattn.nnunet.__main__ import main
 
 
@@ -94,13 +95,31 @@ def test_inherited_base_resolves_its_architecture() -> None:
 
 def test_existing_name_needs_force(plans_file: Path, capsys: pytest.CaptureFixture) -> None:
     before = plans_file.read_bytes()
-    assert main(["add-config", str(plans_file), "--name", "3d_lowres", "--base", "3d_fullres"]) == 2
+    assert main(["add-config", str(plans_file), "--name", "3d_resenc", "--base", "3d_fullres"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "already exists in the plans file; pass --force" in err
     assert plans_file.read_bytes() == before
-    assert main(["add-config", str(plans_file), "--name", "3d_lowres", "--base", "3d_fullres", "--force"]) == 0
-    replaced = json.loads(plans_file.read_text())["configurations"]["3d_lowres"]
+    assert main(["add-config", str(plans_file), "--name", "3d_resenc", "--base", "3d_fullres", "--force"]) == 0
+    replaced = json.loads(plans_file.read_text())["configurations"]["3d_resenc"]
     assert replaced["inherits_from"] == "3d_fullres"
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_a_configuration_others_inherit_from_is_never_replaced(plans_file: Path, capsys: pytest.CaptureFixture, force: list) -> None:
+    # replacing 3d_lowres would silently change 3d_cascade_fullres, which inherits its network
+    before = plans_file.read_bytes()
+    assert main(["add-config", str(plans_file), "--name", "3d_lowres", "--base", "3d_fullres", *force]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert ("3d_cascade_fullres inherits from 3d_lowres" in err) == bool(force), err
+    assert plans_file.read_bytes() == before
+
+
+def test_every_heir_is_named() -> None:
+    plans = copy.deepcopy(PLANS)
+    plans["configurations"]["3d_lowres_big"] = {"inherits_from": "3d_lowres", "data_identifier": "z"}
+    with pytest.raises(PlansError, match=r"'3d_lowres' cannot be replaced: 3d_cascade_fullres, 3d_lowres_big inherit from 3d_lowres"):
+        add_attention_configuration(plans, "3d_lowres", "3d_fullres", force=True)
 
 
 @pytest.mark.parametrize(
@@ -114,7 +133,7 @@ def test_existing_name_needs_force(plans_file: Path, capsys: pytest.CaptureFixtu
         (["--attention-kwargs", "{order: 1}"], "--attention-kwargs must be a JSON object"),
         (["--attention-kwargs", "[1]"], "--attention-kwargs must be a JSON object"),
         (["--attention-kwargs", '{"order": [2, 2, 3]}'], "order must name distinct axes"),
-        (["--attention-kwargs", '{"heads": 4}'], "attention_kwargs={'heads': 4}"),
+        (["--attention-kwargs", '{"heads": 4}'], "takes no option 'heads'; its options are ["),
         (["--name", "3d_fullres"], "name other than the base's"),
     ],
 )

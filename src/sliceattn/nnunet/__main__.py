@@ -16,7 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
-from .plans import ATTENTIONS, PlansError, add_attention_configuration, write_json_atomic
+import torch
+
+from .._optional import optional_import
+from ..factory import ATTENTION_BLOCKS
+from ..io import save_atomically
+from .plans import PlansError, add_attention_configuration, write_plans
 
 
 class _UsageError(Exception):
@@ -63,13 +68,13 @@ def add_config(args: argparse.Namespace) -> None:
         )
     except PlansError as error:
         _fail(str(error))
-    write_json_atomic(args.plans, new_plans)
+    write_plans(args.plans, new_plans)
     print(f"{args.plans}: configuration {args.name!r} = {args.base!r} + {args.attention} after encoder stages {args.stages}")
 
 
 def warm_start(args: argparse.Namespace) -> None:
     """Write a checkpoint with the plain weights and identity attention blocks for ``-pretrained_weights``."""
-    from .warm_start import plain_state_dict, save_checkpoint_atomic, warm_start_state_dict
+    from .warm_start import plain_state_dict, warm_start_state_dict
 
     if args.output.exists() and not args.force:
         _fail(f"output {str(args.output)!r} exists; pass --force to replace it")
@@ -79,8 +84,6 @@ def warm_start(args: argparse.Namespace) -> None:
         _fail(f"checkpoint {str(args.checkpoint)!r} does not exist")
     plans = _read_json(args.plans, "plans file")
     try:
-        import torch
-
         checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
         plain = plain_state_dict(checkpoint)
     except (OSError, RuntimeError, TypeError, AttributeError) as error:
@@ -96,27 +99,27 @@ def warm_start(args: argparse.Namespace) -> None:
         state = warm_start_state_dict(network, plain)
     except (KeyError, ValueError) as error:
         _fail(f"checkpoint {str(args.checkpoint)!r} does not fit configuration {args.name!r}: {error.args[0]}")
-    save_checkpoint_atomic(args.output, {"network_weights": state})
+    save_atomically(args.output, lambda temporary: torch.save({"network_weights": state}, temporary))
     print(f"{args.output}: plain weights of {args.checkpoint} + identity attention blocks of {args.name!r}")
 
 
 def _network_from_plans(plans: dict[str, Any], name: str, dataset_json: dict[str, Any]) -> Any:
     """The training network of configuration ``name``, built by nnU-Net itself."""
     try:
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        networks = optional_import("nnunetv2.utilities.get_network_from_plans", extra="nnunet", needed_by="warm-start")
+        labels = optional_import("nnunetv2.utilities.label_handling.label_handling", extra="nnunet", needed_by="warm-start")
+        plans_handler = optional_import("nnunetv2.utilities.plans_handling.plans_handler", extra="nnunet", needed_by="warm-start")
     except ImportError as error:
-        _fail(f"warm-start needs nnU-Net v2 ({error}); pip install 'sliceattn[nnunet]'")
+        _fail(str(error))
     if name not in plans.get("configurations", {}):
         _fail(f"configuration {name!r} is not in the plans file (it has {sorted(plans.get('configurations', {}))})")
-    manager = PlansManager(plans)
+    manager = plans_handler.PlansManager(plans)
     configuration = manager.get_configuration(name)
-    return get_network_from_plans(
+    return networks.get_network_from_plans(
         configuration.network_arch_class_name,
         configuration.network_arch_init_kwargs,
         configuration.network_arch_init_kwargs_req_import,
-        determine_num_input_channels(manager, configuration, dataset_json),
+        labels.determine_num_input_channels(manager, configuration, dataset_json),
         manager.get_label_manager(dataset_json).num_segmentation_heads,
         allow_init=True,
         deep_supervision=True,
@@ -131,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("plans", type=Path, metavar="PLANS_JSON", help="e.g. $nnUNet_preprocessed/Dataset501_X/nnUNetPlans.json")
     add.add_argument("--name", required=True, help="new configuration, e.g. 3d_fullres_rsa")
     add.add_argument("--base", default="3d_fullres", help="3-D configuration to extend (default 3d_fullres)")
-    add.add_argument("--attention", choices=sorted(ATTENTIONS), default="rsa", help="block (default rsa)")
+    add.add_argument("--attention", choices=sorted(ATTENTION_BLOCKS), default="rsa", help="block (default rsa)")
     add.add_argument("--stages", type=int, nargs="+", default=[-1], metavar="STAGE",
                      help="encoder stage indices, -1 = bottleneck (the paper's 010 placement; default)")
     add.add_argument("--attention-kwargs", default="{}", metavar="JSON",

@@ -22,15 +22,15 @@ import numpy as np
 from torch import Tensor, nn
 
 from .. import NonLocal3d, RecurrentSliceAttention3d, cost
-from .plans import build_attention, resolve_stages
+from .._checks import check_mapping
+from .._optional import optional_import
+from ..factory import build_attention
+from .plans import resolve_stages
 
-try:
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
-except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "sliceattn.nnunet needs nnU-Net v2 and dynamic_network_architectures: "
-        "pip install 'sliceattn[nnunet]'"
-    ) from error
+_unet = optional_import(
+    "dynamic_network_architectures.architectures.unet", extra="nnunet", needed_by="sliceattn.nnunet's networks"
+)
+PlainConvUNet, ResidualEncoderUNet = _unet.PlainConvUNet, _unet.ResidualEncoderUNet
 
 __all__ = ["AttentionPlainConvUNet", "AttentionResidualEncoderUNet"]
 
@@ -84,8 +84,9 @@ class _EncoderAttention:
             )
         n_stages = len(self.encoder.stages)
         stages = resolve_stages(attention_stages, n_stages)
+        options = check_mapping(attention_kwargs, "attention_kwargs")
         blocks = [
-            build_attention(attention, self.encoder.output_channels[stage], attention_kwargs)
+            build_attention(attention, self.encoder.output_channels[stage], **options)
             if stage in stages
             else nn.Identity()
             for stage in range(n_stages)

@@ -14,30 +14,24 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
-from torch import nn
 
-from .. import NonLocal3d, RecurrentSliceAttention3d
+from .._checks import check_mapping
+from ..factory import build_attention
+from ..io import save_atomically
 
 __all__ = [
-    "ATTENTIONS",
     "ATTENTION_NETWORKS",
     "PlansError",
     "add_attention_configuration",
-    "build_attention",
     "resolve_configuration",
     "resolve_stages",
-    "write_json_atomic",
+    "write_plans",
 ]
-
-#: Block kinds by their ``attention=`` name.
-ATTENTIONS: dict[str, type[nn.Module]] = {"rsa": RecurrentSliceAttention3d, "nonlocal": NonLocal3d}
 
 #: Plain nnU-Net network class (last dotted part) -> the dotted path of its attention subclass.
 ATTENTION_NETWORKS: dict[str, str] = {
@@ -48,32 +42,6 @@ ATTENTION_NETWORKS: dict[str, str] = {
 
 class PlansError(ValueError):
     """A plans file or a requested configuration that cannot be used (a user mistake)."""
-
-
-def build_attention(attention: str, channels: int, attention_kwargs: Optional[Mapping[str, Any]] = None, **factory: Any) -> nn.Module:
-    """One attention block for a ``(B, channels, D, H, W)`` feature map.
-
-    Args:
-        attention: ``"rsa"`` (:class:`~sliceattn.RecurrentSliceAttention3d`) or ``"nonlocal"``
-            (:class:`~sliceattn.NonLocal3d`).
-        channels: ``C`` of the feature map.
-        attention_kwargs: keyword arguments of the block (axes as dim indices 2/3/4: nnU-Net
-            transposes the image axes, so the library's axis names need not hold).
-        **factory: ``device=``/``dtype=``.
-
-    Raises:
-        ValueError: unknown ``attention``, or a bad option value (the block's own message).
-        TypeError: ``attention_kwargs`` not a mapping, or an option the block does not take.
-    """
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {sorted(ATTENTIONS)}, got {attention!r}")
-    attention_kwargs = {} if attention_kwargs is None else attention_kwargs
-    if not isinstance(attention_kwargs, Mapping):
-        raise TypeError(f"attention_kwargs must be a mapping of block options, got {type(attention_kwargs).__name__}")
-    try:
-        return ATTENTIONS[attention](channels, **attention_kwargs, **factory)
-    except TypeError as error:
-        raise TypeError(f"attention_kwargs={dict(attention_kwargs)!r} for attention={attention!r}: {error}") from error
 
 
 def resolve_stages(stages: Union[int, Sequence[int]], n_stages: int) -> tuple[int, ...]:
@@ -148,10 +116,13 @@ def add_attention_configuration(
         base: a 3-D configuration whose network is ``PlainConvUNet`` or ``ResidualEncoderUNet``.
         attention, stages, attention_kwargs: the networks' ``attention``, ``attention_stages``
             and ``attention_kwargs`` (checked here by building the blocks on the meta device).
-        force: replace an existing configuration called ``name``.
+        force: replace an existing configuration called ``name``; never one that other
+            configurations inherit from (``3d_lowres``, which ``3d_cascade_fullres`` inherits
+            from): they would change with it.
 
     Raises:
-        PlansError: unknown or unsuitable base, existing name without ``force``, bad attention options.
+        PlansError: unknown or unsuitable base, existing name without ``force``, a name that
+            others inherit from (named in the message), bad attention options.
     """
     configurations = plans.get("configurations")
     if not isinstance(configurations, Mapping):
@@ -160,6 +131,14 @@ def add_attention_configuration(
         raise PlansError(f"the new configuration needs a name other than the base's, got name={name!r}")
     if name in configurations and not force:
         raise PlansError(f"configuration {name!r} already exists in the plans file; pass --force to replace it")
+    heirs = sorted(other for other, entry in configurations.items() if isinstance(entry, Mapping) and entry.get("inherits_from") == name)
+    if heirs and name in configurations:
+        # even with force: the heirs would silently take the new network (and a base inheriting
+        # from its own heir would make a cycle)
+        raise PlansError(
+            f"configuration {name!r} cannot be replaced: {', '.join(heirs)} {'inherits' if len(heirs) == 1 else 'inherit'} "
+            f"from {name} and would change with it; choose another name"
+        )
     architecture = resolve_configuration(plans, base).get("architecture")
     if not isinstance(architecture, Mapping) or "network_class_name" not in architecture:
         raise PlansError(f"configuration {base!r} has no 'architecture' with a 'network_class_name' (nnU-Net < 2.5 plans?)")
@@ -179,14 +158,15 @@ def add_attention_configuration(
         features = [features] * n_stages
     try:
         resolved = resolve_stages(stages, n_stages)
+        options = check_mapping(attention_kwargs, "attention_kwargs")
         for stage in resolved:
-            build_attention(attention, int(features[stage]), attention_kwargs, device="meta")
+            build_attention(attention, int(features[stage]), **{**options, "device": "meta"})
     except (TypeError, ValueError) as error:
         raise PlansError(str(error)) from error
     arch_kwargs.update(
         attention=attention,
         attention_stages=[int(s) for s in ([stages] if isinstance(stages, int) else stages)],
-        attention_kwargs=dict(attention_kwargs or {}),
+        attention_kwargs=options,
     )
     new_plans = copy.deepcopy(dict(plans))
     new_plans["configurations"][name] = {
@@ -200,20 +180,7 @@ def add_attention_configuration(
     return new_plans
 
 
-def write_json_atomic(path: Union[str, Path], data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=4, sort_keys=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def write_plans(path: Union[str, Path], plans: Mapping[str, Any]) -> Path:
+    """Write a plans dict as JSON (nnU-Net's indentation) through :func:`sliceattn.io.save_atomically`."""
+    text = json.dumps(plans, indent=4, sort_keys=False) + "\n"
+    return save_atomically(path, lambda temporary: temporary.write_text(text))

@@ -9,15 +9,13 @@ init is the identity: the warm-started network computes what the plain one compu
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ATTENTION_PREFIX", "load_plain_weights", "plain_state_dict", "save_checkpoint_atomic", "warm_start_state_dict"]
+__all__ = ["ATTENTION_PREFIX", "load_plain_weights", "plain_state_dict", "warm_start_state_dict"]
 
 #: State-dict prefix of the attention blocks in the attention networks.
 ATTENTION_PREFIX = "attention."
@@ -99,19 +97,3 @@ def load_plain_weights(network: nn.Module, checkpoint: Checkpoint) -> nn.Module:
     """
     _unwrap(network).load_state_dict(warm_start_state_dict(network, checkpoint))
     return network
-
-
-def save_checkpoint_atomic(path: Union[str, Path], checkpoint: Mapping[str, Any]) -> None:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(checkpoint), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
