@@ -141,6 +141,20 @@ def save_attention_figure(
     return Path(path)
 
 
+def _difference_row(axis: plt.Axes, row: int, comparison: PairedComparison, flagged: Collection[str]) -> None:
+    """One method's row: its per-split differences in points, the mean and its t interval."""
+    points = 100.0 * np.asarray(comparison.differences)
+    bad = np.array([split in flagged for split in comparison.splits], dtype=bool)
+    # Spread the points a little vertically so equal differences stay visible.
+    offsets = row + 0.25 * (np.arange(points.size) / max(points.size - 1, 1) - 0.5)
+    axis.scatter(points[~bad], offsets[~bad], s=14, color="tab:blue", alpha=0.7, zorder=2)
+    axis.scatter(points[bad], offsets[bad], s=22, facecolors="none", edgecolors="red", zorder=2)
+    low, high = comparison.t_interval
+    if np.isfinite(low):
+        axis.plot([100.0 * low, 100.0 * high], [row, row], color="black", linewidth=2.0, zorder=3)
+    axis.scatter([100.0 * comparison.mean], [row], marker="D", s=30, color="black", zorder=4)
+
+
 def save_paired_differences(
     path: str | Path,
     panels: Mapping[str, Mapping[str, PairedComparison]],
@@ -176,17 +190,7 @@ def save_paired_differences(
         for row, method in enumerate(methods):
             if method not in comparisons:
                 continue
-            comparison = comparisons[method]
-            points = 100.0 * np.asarray(comparison.differences)
-            bad = np.array([split in flagged.get(method, ()) for split in comparison.splits], dtype=bool)
-            # Spread the points a little vertically so equal differences stay visible.
-            offsets = row + 0.25 * (np.arange(points.size) / max(points.size - 1, 1) - 0.5)
-            axis.scatter(points[~bad], offsets[~bad], s=14, color="tab:blue", alpha=0.7, zorder=2)
-            axis.scatter(points[bad], offsets[bad], s=22, facecolors="none", edgecolors="red", zorder=2)
-            low, high = comparison.t_interval
-            if np.isfinite(low):
-                axis.plot([100.0 * low, 100.0 * high], [row, row], color="black", linewidth=2.0, zorder=3)
-            axis.scatter([100.0 * comparison.mean], [row], marker="D", s=30, color="black", zorder=4)
+            _difference_row(axis, row, comparisons[method], flagged.get(method, ()))
         axis.set_title(metric, fontsize=9)
         axis.set_xlabel(f"difference from {baseline} (points)", fontsize=8)
         axis.tick_params(labelsize=7)
