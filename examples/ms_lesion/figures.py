@@ -1,12 +1,16 @@
-"""A figure like the paper's Fig. 5: one slice, the reference mask and several methods' predictions.
+"""The example's figures: one like the paper's Fig. 5, the RSA block's attention, the experiment's differences.
 
-Each panel shows the FLAIR slice in grey with a mask over it: red for lesion voxels that agree with
-the reference (or the reference itself), yellow for false positives, blue for missed voxels.
+``save_comparison``: one slice, the reference mask and several methods' predictions. Each panel shows
+the FLAIR slice in grey with a mask over it: red for lesion voxels that agree with the reference (or
+the reference itself), yellow for false positives, blue for missed voxels.
+``save_attention_figure``: where the RSA block's three steps look from one lesion.
+``save_paired_differences``: each method's per-split difference from the baseline, with the mean and
+its interval (``stats.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +22,7 @@ import numpy as np  # noqa: E402
 from inference import StepAttention  # noqa: E402
 from metrics import case_scores  # noqa: E402
 from run import save_atomically  # noqa: E402
+from stats import PairedComparison  # noqa: E402
 
 AGREE, FALSE_POSITIVE, MISSED = (1.0, 0.1, 0.1), (1.0, 0.9, 0.1), (0.2, 0.5, 1.0)
 
@@ -130,6 +135,69 @@ def save_attention_figure(
         axis.set_title(f"step {number}: along the {step.axis} axis", fontsize=8)
     axes[0, 1].set_ylabel("attention of the lesion's slice", fontsize=7)
     figure.suptitle(f"{title}  RSA attention from the largest lesion (red bar: its own slice)", fontsize=8)
+    figure.tight_layout()
+    save_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
+    plt.close(figure)
+    return Path(path)
+
+
+def _difference_row(axis: plt.Axes, row: int, comparison: PairedComparison, flagged: Collection[str]) -> None:
+    """One method's row: its per-split differences in points, the mean and its t interval."""
+    points = 100.0 * np.asarray(comparison.differences)
+    bad = np.array([split in flagged for split in comparison.splits], dtype=bool)
+    # Spread the points a little vertically so equal differences stay visible.
+    offsets = row + 0.25 * (np.arange(points.size) / max(points.size - 1, 1) - 0.5)
+    axis.scatter(points[~bad], offsets[~bad], s=14, color="tab:blue", alpha=0.7, zorder=2)
+    axis.scatter(points[bad], offsets[bad], s=22, facecolors="none", edgecolors="red", zorder=2)
+    low, high = comparison.t_interval
+    if np.isfinite(low):
+        axis.plot([100.0 * low, 100.0 * high], [row, row], color="black", linewidth=2.0, zorder=3)
+    axis.scatter([100.0 * comparison.mean], [row], marker="D", s=30, color="black", zorder=4)
+
+
+def save_paired_differences(
+    path: str | Path,
+    panels: Mapping[str, Mapping[str, PairedComparison]],
+    *,
+    baseline: str = "unet",
+    flagged: Mapping[str, Collection[str]] | None = None,
+    title: str = "",
+    dpi: int = 110,
+) -> Path:
+    """One panel per metric, one row per method: each split's difference from the baseline (points), the
+    mean (black diamond) and its 95 % t interval (black bar), and the zero line.
+
+    Args:
+        path: output PNG, written atomically.
+        panels: metric title -> method -> its comparison with the baseline; rows in the first panel's order.
+        baseline: the baseline's name, for the axis label.
+        flagged: method -> splits where either run is flagged (dead attention, all-background):
+            drawn as hollow red circles.
+        title: figure title.
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+    """
+    if not panels or not any(panels.values()):
+        raise ValueError("panels is empty: need at least one metric with one method to draw")
+    methods = list(next(iter(panels.values())))
+    flagged = flagged or {}
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 0.9 + 0.45 * len(methods)),
+                                squeeze=False, sharey=True)
+    for axis, (metric, comparisons) in zip(axes[0], panels.items()):
+        axis.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
+        for row, method in enumerate(methods):
+            if method not in comparisons:
+                continue
+            _difference_row(axis, row, comparisons[method], flagged.get(method, ()))
+        axis.set_title(metric, fontsize=9)
+        axis.set_xlabel(f"difference from {baseline} (points)", fontsize=8)
+        axis.tick_params(labelsize=7)
+    axes[0, 0].set_yticks(range(len(methods)), methods)
+    axes[0, 0].set_ylim(len(methods) - 0.5, -0.5)
+    figure.suptitle(f"{title}  one point per split; diamond and bar: mean and 95 % t interval"
+                    "; hollow red: a flagged run", fontsize=8)
     figure.tight_layout()
     save_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
     plt.close(figure)

@@ -1,0 +1,187 @@
+"""experiment.py: its arguments checked before any training, its splits tied to their parameters, its
+report (paired statistics against unet, cost, run health) and its figure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import experiment
+from data import DataOptions
+from model import model_config
+from run import UsageError, random_split, write_json
+from sliceattn import cost
+
+IDS = [f"sub-00{i}" for i in range(1, 5)]
+TINY = ["--preset", "demo", "--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2",
+        "--lesion-crop-fraction", "0.5", "--iterations", "2"]
+
+
+def one_error_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
+    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: "))
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--splits", "0"], "--splits: must be a whole number >= 1, got '0'"),
+    (["--splits", "two"], "--splits: must be a whole number >= 1"),
+    (["--train-fraction", "1.0"], "--train-fraction: must be a number in (0, 1)"),
+    (["--train-fraction", "0"], "--train-fraction: must be a number in (0, 1)"),
+    (["--train-fraction", "nan"], "--train-fraction: must be a number in (0, 1)"),
+])
+def test_bad_split_arguments_are_refused_at_parse_time(flags: list[str], fragment: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        experiment.main(["--data", str(tmp_path), "--out", str(tmp_path / "exp"), *flags])
+    assert exit_.value.code == 2
+    one_error_line(capsys, fragment)
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_method_listed_twice_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert experiment.main(["--data", str(tmp_path), "--methods", "unet", "rsa-010", "unet", "--out",
+                            str(tmp_path / "exp")]) == 2
+    one_error_line(capsys, "--methods lists unet more than once")
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_train_fraction_that_leaves_no_test_subject_is_refused_before_training(
+        cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # 4 subjects: 0.9 keeps round(0.4) = 0 for testing.
+    assert experiment.main(["--data", str(cohort), "--train-fraction", "0.9", "--out", str(tmp_path / "exp")]) == 2
+    one_error_line(capsys, "--train-fraction 0.9 leaves no test subject of the 4", "at most 0.75")
+    assert not (tmp_path / "exp").exists()
+
+
+# -------------------------------------------------------------------------------------------------- splits
+
+
+def test_splits_record_their_parameters_and_a_changed_fraction_or_subject_set_is_refused(tmp_path: Path) -> None:
+    first = experiment.make_splits(IDS, 2, 0.5, tmp_path)
+    record = json.loads((tmp_path / "splits" / "parameters.json").read_text())
+    assert record["train_fraction"] == 0.5 and record["subjects"] == IDS
+    with pytest.raises(UsageError, match=r"--train-fraction: recorded 0.5, now 0.75"):
+        experiment.make_splits(IDS, 2, 0.75, tmp_path)
+    with pytest.raises(UsageError, match=r"subjects no longer in the data: sub-004; subjects new in the data: sub-009"):
+        experiment.make_splits([*IDS[:3], "sub-009"], 2, 0.5, tmp_path)
+    # More splits extend the same experiment: the first ones are kept as they are.
+    texts = [p.read_text() for p in first]
+    more = experiment.make_splits(IDS, 3, 0.5, tmp_path)
+    assert [p.read_text() for p in more[:2]] == texts and len(more) == 3
+
+
+def test_split_files_without_a_record_are_kept_only_when_these_parameters_made_them(tmp_path: Path) -> None:
+    write_json(tmp_path / "splits" / "split-0.json", random_split(IDS, 0.5, seed=0))
+    experiment.make_splits(IDS, 1, 0.5, tmp_path)  # the same parameters: accepted, and recorded now
+    assert (tmp_path / "splits" / "parameters.json").is_file()
+    other = tmp_path / "other"
+    write_json(other / "splits" / "split-0.json", random_split(IDS, 0.25, seed=0))
+    with pytest.raises(UsageError, match="split-0.json was not made by this command"):
+        experiment.make_splits(IDS, 1, 0.5, other)
+
+
+def test_a_changed_command_is_refused_before_training(cohort: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "exp"
+    experiment.make_splits(IDS, 1, 0.5, out)
+    assert experiment.main(["--data", str(cohort), "--splits", "1", "--train-fraction", "0.75", "--out", str(out),
+                            "--", *TINY]) == 2
+    one_error_line(capsys, "--train-fraction: recorded 0.5, now 0.75", "choose another --out")
+    assert not (out / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------- run health
+
+
+def fake_run(folder: Path, predicted: list[int], **metrics: Any) -> dict[str, Any]:
+    folder.mkdir(parents=True)
+    rows = "".join(f"sub-00{i},{v},10\n" for i, v in enumerate(predicted))
+    (folder / "cases.csv").write_text("id,predicted_voxels,reference_voxels\n" + rows)
+    return {"test": [f"sub-00{i}" for i in range(len(predicted))], **metrics}
+
+
+def test_dead_attention_and_all_background_runs_are_named(tmp_path: Path) -> None:
+    metrics = fake_run(tmp_path / "a", [0, 0], attention_alive=False,
+                       attention={"bottom_attention": {"alpha": [0.0, 1e-9, 0.0], "max_weight": 0.0312}})
+    problems = experiment.run_problems(tmp_path / "a", metrics)
+    assert problems[0] == "attention dead (bottom_attention α [0, 1e-09, 0], max weight 0.031)"
+    assert problems[1].startswith("no lesion voxel predicted in its 2 test subjects")
+    healthy = fake_run(tmp_path / "b", [0, 5], attention_alive=True, attention={})
+    assert experiment.run_problems(tmp_path / "b", healthy) == []
+    # Older runs record neither: nothing is claimed about them.
+    assert experiment.run_problems(tmp_path / "missing", {"test": ["sub-001"]}) == []
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def run(split: int, dice: float, problems: list[str] | None = None, alive: bool | None = None) -> dict[str, Any]:
+    summary = {key: dice for key, _ in experiment.COLUMNS}
+    return {"split": f"split-{split}", "summary": summary, "train_seconds": 10.0 + split, "peak_memory_mb": 100.0,
+            "peak_memory_kind": "cpu-max-rss", "problems": problems or [], "attention_alive": alive}
+
+
+DIFFERENCES = [0.01, 0.03, -0.02, 0.04]  # test_ms_stats.py computes their statistics by hand
+
+
+def test_report_has_the_paired_rows_cost_and_flagged_runs(tmp_path: Path) -> None:
+    base = [0.5, 0.6, 0.7, 0.8]
+    results = {"unet": [run(k, d) for k, d in enumerate(base)],
+               "rsa-010": [run(k, b + d, alive=True) for k, (b, d) in enumerate(zip(base, DIFFERENCES))]}
+    results["rsa-010"][3] = run(3, base[3] + DIFFERENCES[3], ["attention dead"], alive=False)
+    costs = {"unet": {"parameters": 1000, "forward_flops": 2e9, "crop": [16, 32, 32]},
+             "rsa-010": {"parameters": 1100, "forward_flops": 2.2e9, "crop": [16, 32, 32]}}
+    text = experiment.report(results, costs)
+    rows = [line for line in text.splitlines() if line.startswith("| rsa-010 | 4 |")]
+    # mean 1.5 points; t interval 1.5 ± 3.182 * 2.646 / 2 = [-2.71, +5.71]; 4 pairs cannot reach 0.05.
+    assert rows == ["| rsa-010 | 4 | " + " | ".join(["+1.50 [-2.71, +5.71] | n/a: 4 pairs, p ≥ 0.125"] * 3) + " |"]
+    # The same comparison without split-3 (its rsa-010 run is flagged): mean of 0.01, 0.03, -0.02.
+    assert any(line.startswith("| rsa-010 | 3 | +0.67 [") for line in text.splitlines())
+    assert "| rsa-010 | 1,100 | 2.2 | +10.0% | 11.50 ± 1.29 |" in text
+    assert "rsa-010 3/4" in text and "- rsa-010 split-3: attention dead" in text
+    assert "1 of 8 runs flagged" in text
+
+
+def test_report_without_the_baseline_says_what_it_needs() -> None:
+    text = experiment.report({"rsa-010": [run(0, 0.5)]}, {})
+    assert "Needs unet and another method on the same splits" in text
+
+
+def test_flops_count_the_attention_blocks_custom_autograd_functions(tmp_path: Path) -> None:
+    # The network cost of rsa-010 exceeds unet's by exactly the analytic cost of its bottom RSA block.
+    costs = {}
+    for method in ("unet", "rsa-010"):
+        path = tmp_path / method / "model.pt"
+        path.parent.mkdir()
+        torch.save({"config": model_config(method, filters="tiny"), "model": {}, "data": DataOptions().record(),
+                    "crop": [16, 32, 32]}, path)
+        costs[method] = experiment.network_cost(path)
+    bottom = cost.unet_shapes((16, 32, 32), filters=(4, 8, 16, 32, 64))[-1]
+    assert costs["rsa-010"]["forward_flops"] - costs["unet"]["forward_flops"] == cost.rsa_cost(bottom).forward > 0
+    assert costs["rsa-010"]["parameters"] > costs["unet"]["parameters"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_tiny_experiment_writes_the_paired_table_and_the_figure(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "exp"
+    assert experiment.main(["--data", str(cohort), "--methods", "unet", "rsa-010", "--splits", "1",
+                            "--train-fraction", "0.5", "--out", str(out), "--", *TINY]) == 0
+    text = (out / "table.md").read_text()
+    assert "## Paired differences against unet" in text and "| rsa-010 | 1 | " in text
+    assert "## Cost" in text and "## Run health" in text
+    assert (out / "paired_differences.png").stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["paired"]["sample_dice"]["rsa-010"]["splits"] == ["split-0"]
+    assert results["results"]["unet"][0]["split"] == "split-0"
