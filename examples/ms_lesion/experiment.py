@@ -57,6 +57,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cli import DATA_OPTIONS, Parser, add_data_options, command, data_options, list_cases
+from config import recorded_config
 from data import DataOptions, read_json
 from figures import save_comparison, save_paired_differences
 from model import METHODS, build_model, read_checkpoint
@@ -263,7 +264,8 @@ def recorded_run(model: Path) -> tuple[dict[str, Any], tuple[int, ...], DataOpti
     The one place that knows the checkpoint's layout: change it here when train.py's record changes.
     """
     checkpoint = read_checkpoint(model)
-    return checkpoint["config"], tuple(checkpoint["crop"]), DataOptions.from_record(checkpoint["data"])
+    trained = recorded_config(checkpoint, model)
+    return checkpoint["config"], trained.crop, trained.data_options
 
 
 def network_cost(model: Path) -> dict[str, Any]:

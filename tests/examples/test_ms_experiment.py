@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import experiment
+from config import TrainingConfig
 from data import DataOptions
 from model import model_config
 from run import UsageError, random_split, write_json
@@ -163,8 +164,10 @@ def test_flops_count_the_attention_blocks_custom_autograd_functions(tmp_path: Pa
     for method in ("unet", "rsa-010"):
         path = tmp_path / method / "model.pt"
         path.parent.mkdir()
-        torch.save({"config": model_config(method, filters="tiny"), "model": {}, "data": DataOptions().record(),
-                    "crop": [16, 32, 32]}, path)
+        training = TrainingConfig(data="d", data_options=DataOptions(), preset="demo", iterations=1, batch_size=1,
+                                  crop=(16, 32, 32), filters=(4, 8, 16, 32, 64), lesion_crop_fraction=0.0,
+                                  val_every=0, lr_schedule="constant", out="o", device="cpu", method=method)
+        torch.save({"config": model_config(method, filters="tiny"), "model": {}, "training": training.record()}, path)
         costs[method] = experiment.network_cost(path)
     bottom = cost.unet_shapes((16, 32, 32), filters=(4, 8, 16, 32, 64))[-1]
     assert costs["rsa-010"]["forward_flops"] - costs["unet"]["forward_flops"] == cost.rsa_cost(bottom).forward > 0
