@@ -12,6 +12,10 @@ What is modelled (numbers in ``docs/ms_lesion.md``):
   infratentorial; per-lesion intensity ratios to white matter, smoothed borders, partial volume;
 * acquisition: multiplicative bias field, Rician noise, a Gaussian slice profile (FWHM = slice thickness)
   and sampling on the output grid (0.7 x 0.7 x 3 mm for the paper preset).
+* randomised appearance (``Preset.randomise``: the demo and mni presets), as SynthSeg does (Billot et al.,
+  Med. Image Anal. 2023): per-subject contrasts, tissue texture, lesion load, size, confluence, intensity and
+  heterogeneity, unlabelled hyperintensities (ventricular caps and rims, corticospinal tracts, choroid
+  plexus), thick-slice blur, bias, noise, FLAIR ghosting, imperfect skull stripping and winsorising.
 
 Everything is computed in the model layout ``(D, H, W)`` = ``(z, y, x)`` and written in RAS.
 """
@@ -710,21 +714,21 @@ class Appearance:
         strip_wobble_mm: the amplitude of the offset's variation along the surface, mm.
     """
 
-    contrast: dict[str, tuple[float, float, float]]
+    contrast: dict[str, tuple[float, ...]]
     lesion_ratio: dict[str, tuple[float, float, float, float]]
     lesion_load: float
     lesion_size: float
     confluent: float
-    texture: tuple[float, float, float]
+    texture: tuple[float, ...]
     texture_mm: float
     heterogeneity: float
     mimics: dict[str, int]
-    mimic_ratio: dict[str, tuple[float, float, float]]
-    gain: tuple[float, float, float]
-    blur_mm: tuple[float, float, float]
-    blur_axis: tuple[int, int, int]
-    bias: tuple[float, float, float]
-    noise: tuple[float, float, float]
+    mimic_ratio: dict[str, tuple[float, ...]]
+    gain: tuple[float, ...]
+    blur_mm: tuple[float, ...]
+    blur_axis: tuple[int, ...]
+    bias: tuple[float, ...]
+    noise: tuple[float, ...]
     ghost: float
     ghost_axis: int
     winsor: float
@@ -753,25 +757,25 @@ def draw_appearance(rng: np.random.Generator) -> Appearance:
         "flair": (float(flair_mean), float(rng.uniform(0.05, 0.15)), 1.03, 2.0),
     }
     return Appearance(
-        contrast={tissue: _uniform(rng, ranges) for tissue, ranges in contrast.items()},  # type: ignore[misc]
+        contrast={tissue: _uniform(rng, ranges) for tissue, ranges in contrast.items()},
         lesion_ratio=lesion_ratio,
         lesion_load=float(np.clip(rng.lognormal(0.0, 0.5), 0.25, 4.0)),
         lesion_size=float(np.clip(rng.lognormal(0.0, 0.35), 0.5, 2.0)),
         confluent=float(rng.uniform(0.0, 0.5)),
-        texture=_uniform(rng, [(0.01, 0.06)] * 3),  # type: ignore[arg-type]
+        texture=_uniform(rng, [(0.01, 0.06)] * 3),
         texture_mm=float(rng.uniform(3.0, 10.0)),
         heterogeneity=float(rng.uniform(0.0, 0.4)),
         mimics={"rim": int(rng.integers(6, 31)), "tract": int(rng.random() < 0.6), "choroid": int(rng.integers(0, 7))},
         mimic_ratio={  # caps/rims and tracts: mild T2/FLAIR hyperintensity; choroid plexus: bright in the fluid
-            "rim": _uniform(rng, [(0.88, 1.0), (1.05, 1.5), (1.05, 1.3)]),  # type: ignore[dict-item]
-            "tract": _uniform(rng, [(0.96, 1.04), (1.05, 1.3), (1.04, 1.2)]),  # type: ignore[dict-item]
-            "choroid": _uniform(rng, [(0.6, 1.0), (1.0, 3.0), (0.6, 1.5)]),  # type: ignore[dict-item]
+            "rim": _uniform(rng, [(0.88, 1.0), (1.05, 1.5), (1.05, 1.3)]),
+            "tract": _uniform(rng, [(0.96, 1.04), (1.05, 1.3), (1.04, 1.2)]),
+            "choroid": _uniform(rng, [(0.6, 1.0), (1.0, 3.0), (0.6, 1.5)]),
         },
-        gain=_uniform(rng, [(0.5, 1.5)] * 3),  # type: ignore[arg-type]
-        blur_mm=tuple(float(rng.uniform(1.0, 5.0)) if rng.random() < 0.6 else 0.0 for _ in MODALITIES),  # type: ignore[arg-type]
-        blur_axis=tuple(int(rng.integers(3)) for _ in MODALITIES),  # type: ignore[arg-type]
-        bias=_uniform(rng, [(np.log(1.02), np.log(1.35))] * 3),  # type: ignore[arg-type]
-        noise=_uniform(rng, [(0.01, 0.07)] * 3),  # type: ignore[arg-type]
+        gain=_uniform(rng, [(0.5, 1.5)] * 3),
+        blur_mm=tuple(float(rng.uniform(1.0, 5.0)) if rng.random() < 0.6 else 0.0 for _ in MODALITIES),
+        blur_axis=tuple(int(rng.integers(3)) for _ in MODALITIES),
+        bias=_uniform(rng, [(np.log(1.02), np.log(1.35))] * 3),
+        noise=_uniform(rng, [(0.01, 0.07)] * 3),
         ghost=float(rng.uniform(0.02, 0.06)) if rng.random() < 0.4 else 0.0,
         ghost_axis=int(rng.integers(1, 3)),
         winsor=float(rng.uniform(99.0, 99.9)) if rng.random() < 0.5 else 100.0,
