@@ -12,6 +12,10 @@ What is modelled (numbers in ``docs/ms_lesion.md``):
   infratentorial; per-lesion intensity ratios to white matter, smoothed borders, partial volume;
 * acquisition: multiplicative bias field, Rician noise, a Gaussian slice profile (FWHM = slice thickness)
   and sampling on the output grid (0.7 x 0.7 x 3 mm for the paper preset).
+* randomised appearance (``Preset.randomise``: the demo and mni presets), as SynthSeg does (Billot et al.,
+  Med. Image Anal. 2023): per-subject contrasts, tissue texture, lesion load, size, confluence, intensity and
+  heterogeneity, unlabelled hyperintensities (ventricular caps and rims, corticospinal tracts, choroid
+  plexus), thick-slice blur, bias, noise, FLAIR ghosting, imperfect skull stripping and winsorising.
 
 Everything is computed in the model layout ``(D, H, W)`` = ``(z, y, x)`` and written in RAS.
 """
@@ -81,6 +85,9 @@ class Preset:
         lesion_scale: per-lesion volumes are multiplied by this (coarse presets: keeps lesions visible).
         min_lesion_voxels: every case gets at least this many lesion voxels (extra lesions are added).
         skull_stripped: images are zero outside the brain mask, as in most public releases.
+        randomise: draw each subject's appearance at random (``Appearance``: contrasts, texture, lesion
+            appearance, non-lesion hyperintensities, blur, bias, noise, artefacts, intensity processing),
+            as SynthSeg does; ``False``: the fixed contrasts above.
     """
 
     spacing: tuple[float, float, float]
@@ -93,17 +100,19 @@ class Preset:
     lesion_scale: float
     min_lesion_voxels: int
     skull_stripped: bool = False
+    randomise: bool = False
 
 
 PRESETS: dict[str, Preset] = {
     # The paper: 0.7 x 0.7 x 3 mm, 44-60 slices of 320 x 230-260.
     "paper": Preset((3.0, 0.7, 0.7), (44, 60), (320, 320), (230, 260), 2, 3, 42.0, 1.0, 20),
     # A CPU demo: 2 mm in-plane, ~44 x 104 x 88.
-    "demo": Preset((3.0, 2.0, 2.0), (40, 48), (104, 104), (84, 92), 1, 3, 42.0, 1.0, 20),
+    "demo": Preset((3.0, 2.0, 2.0), (40, 48), (104, 104), (84, 92), 1, 3, 42.0, 1.0, 20, randomise=True),
     # Tests: 20 x 56 x 48 at 6 x 4 x 4 mm; lesions 2x larger so that they survive the coarse grid.
     "small": Preset((6.0, 4.0, 4.0), (20, 20), (56, 56), (48, 48), 1, 3, 42.0, 2.0, 8),
     # The 1 mm MNI grid of most public releases (182 x 218 x 182, skull-stripped).
-    "mni": Preset((1.0, 1.0, 1.0), (182, 182), (218, 218), (182, 182), 1, 1, 42.0, 1.0, 20, skull_stripped=True),
+    "mni": Preset((1.0, 1.0, 1.0), (182, 182), (218, 218), (182, 182), 1, 1, 42.0, 1.0, 20, skull_stripped=True,
+                  randomise=True),
 }
 
 
@@ -122,7 +131,8 @@ class Anatomy:
     Fine maps (``gm``, ``wm``: fractions, ``(X, Y, Z)``) are on a grid with ``origin`` and ``step``;
     ``distance`` (signed mm to the brain surface, negative inside) is on the coarse grid
     (``coarse_origin``, ``COARSE_STEP``). ``candidates`` maps each lesion category to ``(N, 3)`` MNI
-    positions; ``normals`` are the outward ventricle-wall normals at the periventricular candidates.
+    positions; ``normals`` are the outward ventricle-wall normals at the periventricular candidates;
+    ``ventricles`` are positions inside the lateral ventricles.
     """
 
     name: str
@@ -135,6 +145,7 @@ class Anatomy:
     candidates: dict[str, np.ndarray]
     normals: np.ndarray
     brain_box: np.ndarray  # (2, 3) min and max MNI coordinates of the brain
+    ventricles: np.ndarray  # (N, 3) MNI positions inside the lateral ventricles (coarse grid)
 
 
 def _block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
@@ -194,7 +205,7 @@ def _finish(name: str, gm: np.ndarray, wm: np.ndarray, brain: np.ndarray, origin
     brain_points = points[inside]
     box = np.stack([brain_points.min(0), brain_points.max(0)])
     return Anatomy(name, gm.astype(np.float32), wm.astype(np.float32), origin, step,
-                   distance.astype(np.float32), coarse_origin, candidates, normals, box)
+                   distance.astype(np.float32), coarse_origin, candidates, normals, box, points[ventricles])
 
 
 def load_anatomy(name: str) -> Anatomy:
@@ -339,8 +350,12 @@ class Lesion:
     voxels: int = 0                 # label voxels it owns after rasterisation
 
 
-def _draw_lesion(rng: np.random.Generator, anatomy: Anatomy, warp: Warp, category: str, volume: float) -> Lesion:
-    pick = rng.integers(len(anatomy.candidates[category]))
+def _draw_lesion(rng: np.random.Generator, anatomy: Anatomy, warp: Warp, category: str, volume: float,
+                 ratios: Mapping[str, tuple[float, float, float, float]] = LESION_RATIO,
+                 pick: int | None = None) -> Lesion:
+    """One lesion of ``category`` at a random candidate (or candidate ``pick``); ``ratios`` as ``LESION_RATIO``."""
+    if pick is None:
+        pick = int(rng.integers(len(anatomy.candidates[category])))
     position = anatomy.candidates[category][pick] + rng.uniform(-1, 1, 3) * COARSE_STEP / 2
     if category == "periventricular":
         # Ovoid with the long axis along the wall normal (Dawson's finger), touching the ventricle.
@@ -351,21 +366,25 @@ def _draw_lesion(rng: np.random.Generator, anatomy: Anatomy, warp: Warp, categor
         elongation = rng.uniform(1.0, 1.6)
         long_axis = rng.normal(size=3)
         long_axis /= np.linalg.norm(long_axis)
-    basis = np.linalg.qr(np.column_stack([long_axis, rng.normal(size=(3, 2))]))[0].T
-    basis[0] = long_axis
+    basis = _frame(rng, long_axis)
     radius = (3 * volume / (4 * np.pi)) ** (1 / 3)
     radii = radius * np.array([elongation ** (2 / 3), elongation ** (-1 / 3), elongation ** (-1 / 3)])
     centre = warp.inverse(position[None])[0]
     if category == "periventricular":
         centre = centre + long_axis * radii[0] * 0.5
-    ratios = tuple(
-        float(np.clip(rng.normal(mean, sd), low, high)) for mean, sd, low, high in LESION_RATIO.values()
-    )
+    drawn = tuple(float(np.clip(rng.normal(mean, sd), low, high)) for mean, sd, low, high in ratios.values())
     # Irregular outline: the surface radius varies by ~10 % along a few random directions (lobulation).
     lobes = rng.normal(size=(3, 3))
     lobes /= np.linalg.norm(lobes, axis=1, keepdims=True)
     border = rng.uniform(0.4, 1.0) * min(radius, 1.5)
-    return Lesion(category, volume, centre, basis, radii, border, ratios, lobes, rng.normal(0, 0.1, 3))
+    return Lesion(category, volume, centre, basis, radii, border, drawn, lobes, rng.normal(0, 0.1, 3))
+
+
+def _frame(rng: np.random.Generator, long_axis: np.ndarray) -> np.ndarray:
+    """Rows: ``long_axis`` (unit) and two random directions completing an orthonormal frame, ``(3, 3)``."""
+    basis = np.linalg.qr(np.column_stack([long_axis, rng.normal(size=(3, 2))]))[0].T
+    basis[0] = long_axis
+    return basis
 
 
 def _profile(preset: Preset) -> tuple[np.ndarray, np.ndarray]:
@@ -388,12 +407,16 @@ def _upsample(volume: np.ndarray, factor: int, shape: tuple[int, int]) -> np.nda
     if factor == 1:
         return volume[:, : shape[0], : shape[1]]
     for axis, n in ((1, shape[0]), (2, shape[1])):
-        position = np.arange(n) / factor
-        low = np.minimum(position.astype(int), volume.shape[axis] - 1)
-        high = np.minimum(low + 1, volume.shape[axis] - 1)
-        frac = (position - low).reshape([-1 if a == axis else 1 for a in range(3)]).astype(np.float32)
-        volume = np.take(volume, low, axis=axis) * (1 - frac) + np.take(volume, high, axis=axis) * frac
+        volume = _linear_along(volume, np.arange(n) / factor, axis)
     return volume
+
+
+def _linear_along(volume: np.ndarray, position: np.ndarray, axis: int) -> np.ndarray:
+    """``volume`` linearly interpolated at fractional indices ``position`` along ``axis`` (clamped at the end)."""
+    low = np.minimum(position.astype(int), volume.shape[axis] - 1)
+    high = np.minimum(low + 1, volume.shape[axis] - 1)
+    frac = (position - low).reshape([-1 if a == axis else 1 for a in range(volume.ndim)]).astype(np.float32)
+    return np.take(volume, low, axis=axis) * (1 - frac) + np.take(volume, high, axis=axis) * frac
 
 
 def _band(distance: np.ndarray, low: float, high: float, width: float = 1.0) -> np.ndarray:
@@ -421,10 +444,13 @@ class SyntheticCase:
         images: modality -> ``(D, H, W)`` int16 intensities (white matter about 1000 x a random gain).
         label: ``(D, H, W)`` uint8 lesion mask (lesion fraction >= 0.5 after the slice profile).
         brain_mask: ``(D, H, W)`` uint8.
-        tissue: ``gm``, ``wm``, ``csf`` (intracranial) and ``lesion`` fractions, ``(D, H, W)`` float32.
+        tissue: ``gm``, ``wm``, ``csf`` (intracranial) and ``lesion`` fractions, ``(D, H, W)`` float32; with a
+            randomised appearance also ``mimic`` (the non-lesion hyperintensities).
         spacing: ``(D, H, W)`` mm.
         affine: ``(4, 4)`` RAS voxel-to-mm affine of the written ``(x, y, z)`` = ``(W, H, D)`` arrays.
         lesions: the drawn lesions (``voxels`` = label voxels each one owns).
+        mimics: the drawn non-lesion hyperintensities (randomised appearance only; never labelled).
+        appearance: the subject's randomised appearance, or None (fixed contrasts).
     """
 
     images: dict[str, np.ndarray]
@@ -434,19 +460,27 @@ class SyntheticCase:
     spacing: tuple[float, float, float]
     affine: np.ndarray
     lesions: list[Lesion]
+    mimics: list[Lesion] = field(default_factory=list)
+    appearance: Appearance | None = None
 
 
-def generate_case(index: int, *, preset: str = "paper", seed: int = 0, anatomy: str = "auto") -> SyntheticCase:
-    """Generate subject ``index`` of the cohort ``(preset, seed, anatomy)``; deterministic.
+def generate_case(index: int, *, preset: str = "paper", seed: int = 0, anatomy: str = "auto",
+                  randomise: bool | None = None) -> SyntheticCase:
+    """Generate subject ``index`` of the cohort ``(preset, seed, anatomy, randomise)``; deterministic.
 
-    Each subject has its own random stream (``seed``, ``index``), so subject ``i`` is the same whatever
-    the cohort size.
+    Each subject has its own random streams (``seed``, ``index``), so subject ``i`` is the same whatever
+    the cohort size. ``randomise`` (default: the preset's) draws the subject's ``Appearance`` from a second
+    stream; anatomy and lesion positions come from the first, whose draws stay those of the fixed
+    appearance up to the lesions.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
+    if randomise is not None and not isinstance(randomise, bool):
+        raise TypeError(f"randomise must be a bool or None, got {randomise!r}")
     cfg = PRESETS[preset]
+    randomise = cfg.randomise if randomise is None else randomise
     atlas = load_anatomy(anatomy)
     rng = np.random.default_rng([int(seed), int(index), GENERATOR_VERSION])
     shape = tuple(int(rng.integers(low, high + 1)) for low, high in (cfg.depth, cfg.height, cfg.width))
@@ -458,20 +492,37 @@ def generate_case(index: int, *, preset: str = "paper", seed: int = 0, anatomy: 
     axes_mm = [origin[2] + sz * np.arange(shape[0]), origin[1] + sy * np.arange(shape[1]),
                origin[0] + sx * np.arange(shape[2])]
     tissue = _tissue(cfg, axes_mm, atlas, warp, layers)
-    lesion, owner, lesions = _lesions(rng, cfg, axes_mm, atlas, warp, tissue["gm"] + tissue["wm"])
+    look_rng = np.random.default_rng([int(seed), int(index), GENERATOR_VERSION, 1])
+    look = draw_appearance(look_rng) if randomise else None
+    lesion, owner, lesions = _lesions(rng, cfg, axes_mm, atlas, warp, tissue["gm"] + tissue["wm"], look)
     label = (lesion >= 0.5).astype(np.uint8)
+    brain_mask = (tissue["brain"] >= 0.5).astype(np.uint8)
+    mimics: list[Lesion] = []
+    if look is None:
+        images = _acquire(rng, axes_mm, tissue, lesion, owner, lesions)
+    else:
+        mimic, mimic_owner, mimics = _mimics(look_rng, cfg, axes_mm, atlas, warp, tissue, look)
+        for item, voxels in zip(mimics, np.bincount(mimic_owner[mimic >= 0.5], minlength=len(mimics))):
+            item.voxels = int(voxels)
+        images = _acquire_randomised(look_rng, axes_mm, cfg.spacing, tissue, lesion, owner, lesions, mimic,
+                                     mimic_owner, mimics, look)
+        if cfg.skull_stripped:  # the pipeline's mask, not the true brain: lesions it cuts off are not labelled
+            brain_mask = _strip(look_rng, tissue["distance"], cfg.spacing, look).astype(np.uint8)
+            label &= brain_mask
+        images = {m: np.clip(np.round(_winsorise(image, brain_mask > 0, look.winsor)), 0, 32767).astype(np.int16)
+                  for m, image in images.items()}
     owned = np.bincount(owner[label > 0], minlength=len(lesions))
     for item, voxels in zip(lesions, owned):
         item.voxels = int(voxels)
-    images = _acquire(rng, axes_mm, tissue, lesion, owner, lesions)
-    brain_mask = (tissue["brain"] >= 0.5).astype(np.uint8)
     if cfg.skull_stripped:
         images = {m: np.where(brain_mask > 0, image, 0).astype(image.dtype) for m, image in images.items()}
     affine = np.diag([sx, sy, sz, 1.0])
     affine[:3, 3] = origin
     intracranial = {"gm": tissue["gm"], "wm": tissue["wm"],
                     "csf": tissue["brain"] - tissue["gm"] - tissue["wm"], "lesion": lesion}
-    return SyntheticCase(images, label, brain_mask, intracranial, cfg.spacing, affine, lesions)
+    if look is not None:
+        intracranial["mimic"] = mimic
+    return SyntheticCase(images, label, brain_mask, intracranial, cfg.spacing, affine, lesions, mimics, look)
 
 
 def _field_of_view(rng: np.random.Generator, cfg: Preset, shape: tuple[int, ...], atlas: Anatomy, warp: Warp,
@@ -491,7 +542,8 @@ def _field_of_view(rng: np.random.Generator, cfg: Preset, shape: tuple[int, ...]
 
 def _tissue(cfg: Preset, axes_mm: Sequence[np.ndarray], atlas: Anatomy, warp: Warp,
             layers: dict[str, tuple[float, float]]) -> dict[str, np.ndarray]:
-    """Tissue fractions ``(D, H, W)`` on the output grid, through the slice profile.
+    """Tissue fractions ``(D, H, W)`` on the output grid, through the slice profile, and ``distance`` (signed mm
+    to the brain surface, negative inside).
 
     The anatomy is sampled on sub-slices and every ``anatomy_step`` voxels in-plane, then averaged
     over each slice and interpolated to the full in-plane grid.
@@ -524,34 +576,53 @@ def _tissue(cfg: Preset, axes_mm: Sequence[np.ndarray], atlas: Anatomy, warp: Wa
         "bone": outside * _band(distance, *layers["bone"]),
         "scalp": outside * _band(distance, *layers["scalp"]),
         "brain": brain,
+        "distance": distance,
     }
     return {k: _upsample(_slab_average(v, weights), step, shape[1:]) for k, v in fractions.items()}
 
 
 def _lesions(rng: np.random.Generator, cfg: Preset, axes_mm: Sequence[np.ndarray], atlas: Anatomy, warp: Warp,
-             parenchyma: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Lesion]]:
+             parenchyma: np.ndarray, look: Appearance | None = None) -> tuple[np.ndarray, np.ndarray, list[Lesion]]:
     """Draw lesions in template space and rasterise them on the output grid with the slice profile.
 
+    With an appearance ``look``, its lesion load, size, intensity ratios and confluence apply.
     Returns the lesion fraction ``(D, H, W)``, the index of the lesion owning each voxel (-1: none) and
     the lesions.
     """
     offsets, weights = _profile(cfg)
     lesion = np.zeros(parenchyma.shape, np.float32)
     owner = np.full(parenchyma.shape, -1, np.int32)
-    count = max(1, int(round(rng.lognormal(np.log(cfg.lesion_count), 0.4))))
+    load, size = (look.lesion_load, look.lesion_size) if look else (1.0, 1.0)
+    ratios = look.lesion_ratio if look else LESION_RATIO
+    count = max(1, int(round(rng.lognormal(np.log(cfg.lesion_count * load), 0.4))))
     categories = list(CATEGORIES)
-    lesions = []
-    for number in range(count):
+    lesions: list[Lesion] = []
+
+    def add(item: Lesion) -> None:
+        lesions.append(item)
+        _rasterise(item, len(lesions) - 1, axes_mm, offsets, weights, parenchyma, lesion, owner)
+
+    for _ in range(count):
         category = categories[rng.choice(len(categories), p=list(CATEGORIES.values()))]
-        volume = float(np.clip(rng.lognormal(*LESION_LOG_VOLUME), *LESION_VOLUME_CLIP)) * cfg.lesion_scale
-        lesions.append(_draw_lesion(rng, atlas, warp, category, volume))
-        _rasterise(lesions[-1], number, axes_mm, offsets, weights, parenchyma, lesion, owner)
+        volume = float(np.clip(rng.lognormal(*LESION_LOG_VOLUME), *LESION_VOLUME_CLIP)) * cfg.lesion_scale * size
+        if look is None:
+            add(_draw_lesion(rng, atlas, warp, category, volume))
+            continue
+        pick = int(rng.integers(len(atlas.candidates[category])))
+        add(_draw_lesion(rng, atlas, warp, category, volume, ratios, pick))
+        if category == "periventricular" and rng.random() < look.confluent:
+            # Confluent lesion: 2-5 overlapping ovoids along the same stretch of ventricle wall.
+            where = atlas.candidates[category]
+            near = np.flatnonzero(np.linalg.norm(where - where[pick], axis=1) < 10.0)
+            for neighbour in rng.choice(near, size=int(rng.integers(2, 6))):
+                add(_draw_lesion(rng, atlas, warp, category, volume * rng.uniform(0.3, 1.0), ratios, int(neighbour)))
     # Every case gets visible lesions: add periventricular ones of a few voxels until there are enough.
     voxel_volume = float(np.prod(cfg.spacing))
-    while (lesion >= 0.5).sum() < cfg.min_lesion_voxels and len(lesions) < count + 50:
+    for _ in range(50):
+        if (lesion >= 0.5).sum() >= cfg.min_lesion_voxels:
+            break
         volume = max(cfg.min_lesion_voxels, 4) * voxel_volume * rng.uniform(1.5, 3.0)
-        lesions.append(_draw_lesion(rng, atlas, warp, "periventricular", volume))
-        _rasterise(lesions[-1], len(lesions) - 1, axes_mm, offsets, weights, parenchyma, lesion, owner)
+        add(_draw_lesion(rng, atlas, warp, "periventricular", volume, ratios))
     return lesion, owner, lesions
 
 
@@ -602,6 +673,216 @@ def _rasterise(item: Lesion, number: int, axes_mm: Sequence[np.ndarray], offsets
     wins = fraction > lesion[box]
     owner[box][wins] = number
     lesion[box] = np.maximum(lesion[box], fraction)
+
+
+# ----------------------------------------------------------------------------------------------- appearance
+
+
+MODALITIES: tuple[str, ...] = ("t1", "t2", "flair")
+# Hyperintensities that are not lesions (never labelled), by kind: where they sit and what region bounds them.
+MIMICS: tuple[str, ...] = ("rim", "tract", "choroid")
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """One subject's randomised appearance (``Preset.randomise``), drawn by ``draw_appearance``.
+
+    Per-modality tuples are in ``MODALITIES`` order (T1, T2, FLAIR). Intensities are ratios to white matter.
+
+    Attributes:
+        contrast: tissue (``CONTRAST``'s keys) -> its intensity per modality.
+        lesion_ratio: modality -> lesion intensity ``(mean, sd, low clip, high clip)`` drawn per lesion.
+        lesion_load: the median lesion count is multiplied by this.
+        lesion_size: every lesion volume is multiplied by this.
+        confluent: probability that a periventricular lesion comes with 2-5 overlapping neighbours.
+        texture: amplitude (sd) per modality of a multiplicative tissue texture with features of ``texture_mm``.
+        texture_mm: feature size of the tissue texture, mm.
+        heterogeneity: relative variation of each lesion's contrast inside it (2 mm features).
+        mimics: kind (``MIMICS``) -> number drawn.
+        mimic_ratio: kind -> intensity per modality.
+        gain: scanner scale per modality (white matter = 1000 x gain).
+        blur_mm: per modality, the FWHM in mm of the acquisition's blur along ``blur_axis`` (0: none),
+            i.e. a thick-slice acquisition resampled to the output grid.
+        blur_axis: per modality, the axis (0, 1, 2 = D, H, W) of that blur.
+        bias: per modality, the log amplitude of the residual bias field.
+        noise: per modality, the Rician noise sigma relative to white matter.
+        ghost: FLAIR ghost amplitude (a copy shifted by half the field of view along ``ghost_axis``; 0: none).
+        ghost_axis: 1 or 2, the phase-encoding axis.
+        winsor: each image is clipped at this percentile of its brain voxels (100: not clipped).
+        strip_mm: skull-stripped presets: the stripping mask's mean offset from the brain surface, mm
+            (negative: cuts into the cortex, positive: leaves CSF and dura).
+        strip_wobble_mm: the amplitude of the offset's variation along the surface, mm.
+    """
+
+    contrast: dict[str, tuple[float, ...]]
+    lesion_ratio: dict[str, tuple[float, float, float, float]]
+    lesion_load: float
+    lesion_size: float
+    confluent: float
+    texture: tuple[float, ...]
+    texture_mm: float
+    heterogeneity: float
+    mimics: dict[str, int]
+    mimic_ratio: dict[str, tuple[float, ...]]
+    gain: tuple[float, ...]
+    blur_mm: tuple[float, ...]
+    blur_axis: tuple[int, ...]
+    bias: tuple[float, ...]
+    noise: tuple[float, ...]
+    ghost: float
+    ghost_axis: int
+    winsor: float
+    strip_mm: float
+    strip_wobble_mm: float
+
+
+def _uniform(rng: np.random.Generator, ranges: Sequence[tuple[float, float]]) -> tuple[float, ...]:
+    return tuple(float(rng.uniform(low, high)) for low, high in ranges)
+
+
+def draw_appearance(rng: np.random.Generator) -> Appearance:
+    """Draw a subject's appearance: wide but MS-plausible ranges (``docs/ms_lesion.md``, "randomised
+    appearance"), in the spirit of SynthSeg's domain randomisation (Billot et al., Med. Image Anal. 2023)."""
+    contrast = {  # (T1, T2, FLAIR) ranges; grey matter on FLAIR reaches faint-lesion brightness on purpose
+        "wm": ((1.0, 1.0), (1.0, 1.0), (1.0, 1.0)),
+        "gm": ((0.62, 0.92), (1.2, 2.0), (1.05, 1.45)),
+        "csf": ((0.15, 0.6), (2.5, 6.0), (0.02, 0.45)),  # FLAIR: imperfect fluid suppression
+        "bone": ((0.04, 0.2), (0.05, 0.3), (0.04, 0.2)),
+        "scalp": ((0.9, 1.6), (0.7, 1.5), (0.6, 1.3)),
+    }
+    flair_mean = rng.uniform(1.12, 1.6)
+    lesion_ratio = {  # the mean per subject, the spread per lesion; low FLAIR clips overlap grey matter
+        "t1": (float(rng.uniform(0.55, 0.95)), 0.12, 0.3, 1.0),
+        "t2": (float(rng.uniform(1.2, 2.0)), 0.3, 1.02, 3.0),
+        "flair": (float(flair_mean), float(rng.uniform(0.05, 0.15)), 1.03, 2.0),
+    }
+    return Appearance(
+        contrast={tissue: _uniform(rng, ranges) for tissue, ranges in contrast.items()},
+        lesion_ratio=lesion_ratio,
+        lesion_load=float(np.clip(rng.lognormal(0.0, 0.5), 0.25, 4.0)),
+        lesion_size=float(np.clip(rng.lognormal(0.0, 0.35), 0.5, 2.0)),
+        confluent=float(rng.uniform(0.0, 0.5)),
+        texture=_uniform(rng, [(0.01, 0.06)] * 3),
+        texture_mm=float(rng.uniform(3.0, 10.0)),
+        heterogeneity=float(rng.uniform(0.0, 0.4)),
+        mimics={"rim": int(rng.integers(6, 31)), "tract": int(rng.random() < 0.6), "choroid": int(rng.integers(0, 7))},
+        mimic_ratio={  # caps/rims and tracts: mild T2/FLAIR hyperintensity; choroid plexus: bright in the fluid
+            "rim": _uniform(rng, [(0.88, 1.0), (1.05, 1.5), (1.05, 1.3)]),
+            "tract": _uniform(rng, [(0.96, 1.04), (1.05, 1.3), (1.04, 1.2)]),
+            "choroid": _uniform(rng, [(0.6, 1.0), (1.0, 3.0), (0.6, 1.5)]),
+        },
+        gain=_uniform(rng, [(0.5, 1.5)] * 3),
+        blur_mm=tuple(float(rng.uniform(1.0, 5.0)) if rng.random() < 0.6 else 0.0 for _ in MODALITIES),
+        blur_axis=tuple(int(rng.integers(3)) for _ in MODALITIES),
+        bias=_uniform(rng, [(np.log(1.02), np.log(1.35))] * 3),
+        noise=_uniform(rng, [(0.01, 0.07)] * 3),
+        ghost=float(rng.uniform(0.02, 0.06)) if rng.random() < 0.4 else 0.0,
+        ghost_axis=int(rng.integers(1, 3)),
+        winsor=float(rng.uniform(99.0, 99.9)) if rng.random() < 0.5 else 100.0,
+        strip_mm=float(rng.uniform(-1.0, 2.5)),
+        strip_wobble_mm=float(rng.uniform(0.0, 3.0)),
+    )
+
+
+def _coarse_noise(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float],
+                  feature_mm: float) -> np.ndarray:
+    """A random field ``shape`` (about zero mean, unit sd) with features of ``feature_mm``: Gaussian noise on a
+    grid every ``feature_mm``, interpolated linearly (cheap on 1 mm grids, unlike a Gaussian filter)."""
+    steps = [max(feature_mm / s, 1.0) for s in spacing]
+    field = rng.standard_normal([int(n / f) + 2 for n, f in zip(shape, steps)]).astype(np.float32)
+    for axis, (n, f) in enumerate(zip(shape, steps)):
+        field = _linear_along(field, np.arange(n) / f + rng.uniform(0, 1), axis)
+    return field / max(float(field.std()), 1e-6)
+
+
+def _mimics(rng: np.random.Generator, cfg: Preset, axes_mm: Sequence[np.ndarray], atlas: Anatomy, warp: Warp,
+            tissue: Mapping[str, np.ndarray], look: Appearance) -> tuple[np.ndarray, np.ndarray, list[Lesion]]:
+    """Hyperintensities that are not lesions, rasterised like lesions but never labelled.
+
+    ``rim``: thin caps and rims on the lateral ventricle walls (flat, parallel to the wall, mostly at the
+    horns); ``tract``: a symmetric pair along the corticospinal tracts (posterior limb of the internal
+    capsule); ``choroid``: choroid-plexus-like bright spots inside the ventricles. Returns the fraction
+    ``(D, H, W)``, the owner index (-1: none) and the items.
+    """
+    offsets, weights = _profile(cfg)
+    parenchyma = tissue["gm"] + tissue["wm"]
+    regions = {"rim": parenchyma, "tract": parenchyma, "choroid": np.clip(tissue["brain"] - parenchyma, 0, 1)}
+    fraction = np.zeros(parenchyma.shape, np.float32)
+    owner = np.full(parenchyma.shape, -1, np.int32)
+    to_subject = np.linalg.inv(warp.linear).T  # template directions -> subject directions
+    items: list[Lesion] = []
+
+    def add(kind: str, position: np.ndarray, direction: np.ndarray, radii: Sequence[float], border: float) -> None:
+        direction = direction @ to_subject
+        ratios = tuple(float(r * rng.normal(1.0, 0.02)) for r in look.mimic_ratio[kind])
+        item = Lesion(kind, float(4 / 3 * np.pi * np.prod(radii)), warp.inverse(position[None])[0],
+                      _frame(rng, direction / np.linalg.norm(direction)), np.asarray(radii, float), border, ratios)
+        items.append(item)
+        _rasterise(item, len(items) - 1, axes_mm, offsets, weights, regions[kind], fraction, owner)
+
+    wall, normals = atlas.candidates["periventricular"], atlas.normals
+    horns = np.flatnonzero((wall[:, 1] < np.quantile(wall[:, 1], 0.15)) | (wall[:, 1] > np.quantile(wall[:, 1], 0.85)))
+    for _ in range(look.mimics["rim"]):
+        pick = int(rng.choice(horns) if rng.random() < 0.6 else rng.integers(len(wall)))
+        # Centre on the wall, shortest axis along its normal: a cap hugging the ventricle.
+        position = wall[pick] - normals[pick] * rng.uniform(1.0, 3.0)
+        add("rim", position, normals[pick], (rng.uniform(0.8, 2.5), *rng.uniform(3.0, 10.0, 2)), rng.uniform(0.8, 2.0))
+    for _ in range(look.mimics["tract"]):
+        centre = np.array([rng.uniform(20, 27), rng.uniform(-22, -14), rng.uniform(0, 12)])
+        radii = (rng.uniform(10, 18), *rng.uniform(1.5, 3.0, 2))
+        border = rng.uniform(1.0, 2.0)
+        for side in (1.0, -1.0):
+            add("tract", centre * np.array([side, 1, 1]), np.array([0.0, 0.2, 1.0]), radii, border)
+    if len(atlas.ventricles):
+        posterior = atlas.ventricles[atlas.ventricles[:, 1] <= np.quantile(atlas.ventricles[:, 1], 0.4)]
+        for _ in range(look.mimics["choroid"]):
+            position = posterior[rng.integers(len(posterior))] + rng.uniform(-1, 1, 3)
+            add("choroid", position, rng.normal(size=3), rng.uniform(1.5, 4.0, 3), rng.uniform(0.5, 1.0))
+    return fraction, owner, items
+
+
+def _acquire_randomised(rng: np.random.Generator, axes_mm: Sequence[np.ndarray], spacing: Sequence[float],
+                        tissue: Mapping[str, np.ndarray], lesion: np.ndarray, owner: np.ndarray,
+                        lesions: Sequence[Lesion], mimic: np.ndarray, mimic_owner: np.ndarray,
+                        mimics: Sequence[Lesion], look: Appearance) -> dict[str, np.ndarray]:
+    """``_acquire`` with the subject's ``look``: its contrasts, tissue texture, lesion heterogeneity,
+    non-lesion hyperintensities, thick-slice blur, bias field, Rician noise and FLAIR ghost. Float32."""
+    shape = lesion.shape
+    texture = _coarse_noise(rng, shape, spacing, look.texture_mm)
+    grain = _coarse_noise(rng, shape, spacing, 2.0)
+    lesion_ratios = np.array([(1.0, 1.0, 1.0)] + [item.ratios for item in lesions], np.float32)
+    mimic_ratios = np.array([(1.0, 1.0, 1.0)] + [item.ratios for item in mimics], np.float32)
+    images = {}
+    for m, modality in enumerate(MODALITIES):
+        clean = sum(tissue[t] * look.contrast[t][m] for t in CONTRAST) * (1 + look.texture[m] * texture)
+        clean = clean * (1 - mimic) + mimic * mimic_ratios[mimic_owner + 1, m]
+        excess = (lesion_ratios[owner + 1, m] - 1) * (1 + look.heterogeneity * grain)
+        clean = (clean * (1 - lesion) + lesion * (1 + excess)) * (1000.0 * look.gain[m])
+        if look.blur_mm[m] > 0:
+            axis = look.blur_axis[m]
+            clean = ndimage.gaussian_filter1d(clean, look.blur_mm[m] / 2.3548 / spacing[axis], axis=axis, truncate=3.0)
+        bias = np.exp(look.bias[m] * _smooth_field(rng, axes_mm))
+        sigma = look.noise[m] * 1000.0 * look.gain[m]
+        real = clean * bias + rng.normal(0, sigma, shape).astype(np.float32)
+        image = np.hypot(real, rng.normal(0, sigma, shape).astype(np.float32))
+        if modality == "flair" and look.ghost > 0:
+            image += look.ghost * np.roll(image, shape[look.ghost_axis] // 2, axis=look.ghost_axis)
+        images[modality] = image.astype(np.float32)
+    return images
+
+
+def _strip(rng: np.random.Generator, distance: np.ndarray, spacing: Sequence[float], look: Appearance) -> np.ndarray:
+    """An imperfect skull-stripping mask ``(D, H, W)`` bool: ``distance`` (mm to the brain surface) below the
+    subject's offset, which wobbles along the surface (features of 15 mm)."""
+    wobble = _coarse_noise(rng, distance.shape, spacing, 15.0) * look.strip_wobble_mm
+    return distance < look.strip_mm + wobble
+
+
+def _winsorise(image: np.ndarray, inside: np.ndarray, percentile: float) -> np.ndarray:
+    """Clip ``image`` at ``percentile`` of its ``inside`` voxels, as intensity pipelines do (100: unchanged)."""
+    if percentile >= 100 or not inside.any():
+        return image
+    return np.minimum(image, np.percentile(image[inside], percentile))
 
 
 # ----------------------------------------------------------------------------------------------- cohort
@@ -655,6 +936,7 @@ def make_cohort(
     anatomy: str = "auto",
     montage: bool = True,
     layout: str = "subject-folders",
+    randomise: bool | None = None,
 ) -> Path:
     """Write a synthetic cohort, loadable by ``data.load_dataset(out)``.
 
@@ -668,17 +950,20 @@ def make_cohort(
     Args:
         out: output folder.
         subjects: number of subjects (the paper has 43).
-        preset: ``"paper"``, ``"demo"`` or ``"small"`` (see ``PRESETS``).
+        preset: ``"paper"``, ``"demo"``, ``"small"`` or ``"mni"`` (see ``PRESETS``).
         seed: random seed; same seed, same cohort.
         anatomy: ``"auto"``, ``"mni152"`` or ``"phantom"``.
         montage: also write the PNG montage of the first subject.
         layout: ``"subject-folders"`` or ``"nnunet"``.
+        randomise: draw each subject's appearance at random (``Appearance``); None: the preset's choice
+            (``demo`` and ``mni``: yes). Recorded in ``cohort.json``.
 
     Returns:
         ``out`` as a Path.
 
     Raises:
-        DataError: ``out`` is not empty and holds no cohort written by this function.
+        DataError: ``out`` (or a folder above it) is a file, or ``out`` is not empty and holds no cohort
+            written by this function.
     """
     from data import DataError  # sibling module of this example folder
 
@@ -688,9 +973,15 @@ def make_cohort(
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     if layout not in COHORT_LAYOUTS:
         raise ValueError(f"layout must be one of {COHORT_LAYOUTS}, got {layout!r}")
+    if randomise is not None and not isinstance(randomise, bool):
+        raise TypeError(f"randomise must be a bool or None, got {randomise!r}")
     out = Path(out)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise DataError(f"{existing} is a file, not a folder; choose a folder for the cohort")
+    randomise = PRESETS[preset].randomise if randomise is None else randomise
     params = {"version": GENERATOR_VERSION, "preset": preset, "seed": int(seed),
-              "anatomy": resolve_anatomy(anatomy), "subjects": subjects, "layout": layout}
+              "anatomy": resolve_anatomy(anatomy), "subjects": subjects, "layout": layout, "randomise": randomise}
     record = out / "cohort.json"
     ids = [subject_id(i) for i in range(subjects)]
     files = cohort_files(out, ids, layout)
@@ -713,7 +1004,7 @@ def make_cohort(
     stats = {}
     for index, sid in enumerate(ids):
         start = time.perf_counter()
-        case = generate_case(index, preset=preset, seed=seed, anatomy=params["anatomy"])
+        case = generate_case(index, preset=preset, seed=seed, anatomy=params["anatomy"], randomise=randomise)
         write_case(case, files[sid])
         stats[sid] = case_stats(case) | {"seconds": round(time.perf_counter() - start, 2)}
     if layout == "nnunet":
@@ -736,8 +1027,13 @@ def _read_record(path: Path) -> dict | None:
 
 
 def case_stats(case: SyntheticCase) -> dict:
-    """Shape, spacing, lesion fraction and counts of a generated case."""
+    """Shape, spacing, lesion fraction and counts of a generated case; with a randomised appearance, the
+    visible non-lesion hyperintensities per kind and the appearance itself."""
     visible = [item for item in case.lesions if item.voxels > 0]
+    randomised = {} if case.appearance is None else {
+        "mimics_visible": {k: sum(item.category == k and item.voxels > 0 for item in case.mimics) for k in MIMICS},
+        "appearance": asdict(case.appearance),
+    }
     return {
         "shape": list(case.label.shape),
         "spacing": list(case.spacing),
@@ -746,7 +1042,7 @@ def case_stats(case: SyntheticCase) -> dict:
         "lesions_drawn": len(case.lesions),
         "lesions_visible": len(visible),
         "visible_by_category": {c: sum(item.category == c for item in visible) for c in CATEGORIES},
-    }
+    } | randomised
 
 
 def _montage_of(files: Mapping[str, Path], path: Path) -> None:

@@ -7,11 +7,13 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import ndimage
 
 import make_cohort as cli
 from data import load_dataset, mean_lesion_fraction
-from synthetic import CATEGORIES, PRESETS, generate_case, make_cohort
+from synthetic import CATEGORIES, MIMICS, MODALITIES, PRESETS, draw_appearance, generate_case, make_cohort
 
 SMALL = PRESETS["small"]
 
@@ -111,7 +113,8 @@ def test_make_cohort_writes_loads_caches_and_montage(tmp_path, capsys):
     assert (out / "montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((out / "cohort.json").read_text())
     assert record["params"] == {"version": 1, "preset": "small", "seed": 3, "anatomy": "phantom", "subjects": 2,
-                                "layout": "subject-folders"}
+                                "layout": "subject-folders", "randomise": False}
+    assert "appearance" not in record["stats"]["sub-001"]
     assert set(record["stats"]) == {"sub-001", "sub-002"}
 
     # The loader reads it like real data; the written files match the in-memory generator.
@@ -170,6 +173,121 @@ def test_argument_errors(tmp_path):
         make_cohort(tmp_path, subjects=0)
     with pytest.raises(SystemExit):
         cli.parse_args(["--out", str(tmp_path), "--subjects", "0"])
+
+
+@pytest.fixture(scope="module")
+def randomised_cases():
+    return [generate_case(i, preset="small", seed=0, anatomy="phantom", randomise=True) for i in range(6)]
+
+
+def test_presets_randomise_where_documented():
+    assert {name for name, preset in PRESETS.items() if preset.randomise} == {"demo", "mni"}
+    assert generate_case(0, preset="small", anatomy="phantom").appearance is None
+
+
+def test_randomised_appearance_is_seeded_and_keeps_the_anatomy(randomised_cases):
+    again = generate_case(1, preset="small", seed=0, anatomy="phantom", randomise=True)
+    for name in MODALITIES:
+        np.testing.assert_array_equal(again.images[name], randomised_cases[1].images[name])
+    np.testing.assert_array_equal(again.label, randomised_cases[1].label)
+    assert again.appearance == randomised_cases[1].appearance
+    other_seed = generate_case(1, preset="small", seed=1, anatomy="phantom", randomise=True)
+    assert other_seed.appearance != again.appearance
+    # The appearance has its own stream: the anatomy (brain mask of an unstripped preset) is the fixed one's.
+    fixed = generate_case(1, preset="small", seed=0, anatomy="phantom", randomise=False)
+    np.testing.assert_array_equal(fixed.brain_mask, again.brain_mask)
+    assert not np.array_equal(fixed.images["flair"], again.images["flair"])
+
+
+def test_randomised_contrasts_differ_between_subjects_and_modalities(randomised_cases):
+    # Grey matter / white matter on each image, measured: spread across subjects, unlike the fixed cohort.
+    ratios = np.array([[tissue_medians(c)["gm"][m] / tissue_medians(c)["wm"][m] for m in MODALITIES]
+                       for c in randomised_cases])
+    assert (ratios.max(0) - ratios.min(0) > 0.1).all(), ratios
+    gains = np.array([c.appearance.gain for c in randomised_cases])
+    assert len({round(float(g), 6) for g in gains.ravel()}) == gains.size  # per subject and per modality
+    # What stays true of MS imaging whatever the draw: CSF dark on T1 and FLAIR, bright on T2; lesions bright on
+    # FLAIR and T2, dark on T1.
+    for case in randomised_cases:
+        medians = tissue_medians(case)
+        wm, csf, les = medians["wm"], medians["csf"], medians["lesion"]
+        assert csf["t1"] < wm["t1"] and csf["flair"] < wm["flair"] and csf["t2"] > wm["t2"]
+        assert les["flair"] > wm["flair"] and les["t2"] > wm["t2"] and les["t1"] < wm["t1"]
+
+
+def test_hard_negatives_are_bright_and_never_labelled(randomised_cases):
+    bright = 0
+    for case in randomised_cases:
+        assert set(np.unique(case.label)) <= {0, 1} and case.label.dtype == np.uint8
+        assert case.label.shape == case.brain_mask.shape == case.images["flair"].shape
+        assert not case.label[case.brain_mask == 0].any()
+        mimic = (case.tissue["mimic"] >= 0.5) & (case.tissue["lesion"] < 0.5)
+        assert not case.label[mimic].any()
+        visible = {kind for kind in MIMICS for item in case.mimics if item.category == kind and item.voxels}
+        assert visible <= set(MIMICS)
+        wm = (case.tissue["wm"] > 0.85) & ~mimic & (case.label == 0)
+        bright += int((case.images["flair"][mimic] > np.median(case.images["flair"][wm])).sum())
+    assert bright > 20  # mimics show up, brighter than white matter, across the cohort
+
+
+def test_randomised_lesions_keep_their_placement(randomised_cases):
+    visible = [item for case in randomised_cases for item in case.lesions if item.voxels > 0]
+    share = np.mean([item.category == "periventricular" for item in visible])
+    assert 0.3 < share < 0.85  # confluent lesions add periventricular ovoids
+    assert all(case.label.sum() >= SMALL.min_lesion_voxels for case in randomised_cases)
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_drawn_appearances_stay_ms_like(seed):
+    look = draw_appearance(np.random.default_rng(seed))
+    t1, t2, flair = (dict(zip(look.contrast, values)) for values in zip(*look.contrast.values()))
+    assert t1["csf"] < t1["gm"] < t1["wm"] == 1.0
+    assert t2["wm"] < t2["gm"] < t2["csf"]
+    assert flair["csf"] < flair["wm"] < flair["gm"]
+    assert look.lesion_ratio["flair"][0] > 1 and look.lesion_ratio["flair"][2] > 1  # lesions: FLAIR-bright
+    assert look.lesion_ratio["t1"][0] < 1 < look.lesion_ratio["t2"][0]
+    assert 99.0 <= look.winsor <= 100.0 and look.ghost_axis in (1, 2)
+    assert set(look.mimics) == set(MIMICS) and min(look.mimics.values()) >= 0
+
+
+def test_make_cohort_records_randomise_and_the_appearance(tmp_path, capsys):
+    out = tmp_path / "cohort"
+    assert cli.main(["--out", str(out), "--small", "--subjects", "1", "--anatomy", "phantom", "--randomise",
+                     "--no-montage"]) == 0
+    assert "randomised appearance" in capsys.readouterr().out
+    record = json.loads((out / "cohort.json").read_text())
+    assert record["params"]["randomise"] is True
+    stats = record["stats"]["sub-001"]
+    expected = generate_case(0, preset="small", seed=0, anatomy="phantom", randomise=True)
+    assert stats["appearance"]["gain"] == list(expected.appearance.gain)
+    assert set(stats["mimics_visible"]) == set(MIMICS)
+    np.testing.assert_array_equal(load_dataset(out)[0].label, expected.label)
+    # Switching the randomisation off is a different cohort: it replaces this one.
+    make_cohort(out, subjects=1, preset="small", seed=0, anatomy="phantom", montage=False, randomise=False)
+    assert json.loads((out / "cohort.json").read_text())["params"]["randomise"] is False
+    with pytest.raises(TypeError, match="randomise must be a bool or None, got 'yes'"):
+        make_cohort(out, subjects=1, preset="small", randomise="yes")
+
+
+def test_make_cohort_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "cohort.nii.gz"
+    target.write_bytes(b"a user's file")
+    for out in (target, target / "inside"):
+        assert cli.main(["--out", str(out), "--small", "--subjects", "1", "--anatomy", "phantom"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and f"{target} is a file, not a folder" in err
+        assert len(err.strip().splitlines()) == 1
+    assert target.read_bytes() == b"a user's file"
+
+
+@pytest.mark.slow
+def test_mni_preset_randomised_case_is_stripped_and_aligned():
+    case = generate_case(0, preset="mni", seed=0)
+    assert case.appearance is not None and case.label.shape == (182, 218, 182)
+    assert not case.label[case.brain_mask == 0].any()
+    for image in case.images.values():
+        assert not image[case.brain_mask == 0].any()
 
 
 @pytest.mark.slow
