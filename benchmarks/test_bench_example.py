@@ -10,7 +10,12 @@
   settings and with the example's ``tune_allocator`` (``M_MMAP_MAX`` = 0), each in a fresh process,
   alternating; the benchmark's own timing is empty, the step times are in ``extra_info``.
 
-The example's modules are imported from ``examples/ms_lesion`` (the folder a user copies).
+- ``test_whole_scan_prediction_onnx``: the same scan, network and tiles through ``inference.segment``
+  with the torch network and with its onnxruntime export (``onnx_engine.onnx_network``, same thread
+  count); the export itself is not timed. Needs the ``onnx`` extra.
+
+All three take 30 s to minutes on 2 cores and run only with ``SLICEATTN_BENCH=full``. The example's
+modules are imported from ``examples/ms_lesion`` (the folder a user copies).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.bench_common import FULL
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ms_lesion"
 pytest.importorskip("nibabel", reason="the example's extra is not installed: pip install -e '.[examples]'")
 pytest.importorskip("scipy", reason="the example's extra is not installed: pip install -e '.[examples]'")
@@ -37,6 +44,8 @@ from inference import segment, sliding_window_probabilities  # noqa: E402
 from model import build_model  # noqa: E402
 
 TILE = (64, 64, 64)
+#: every case here is long: the quick mode (the default) leaves them out
+pytestmark = pytest.mark.skipif(not FULL, reason="a long whole-scan or fresh-process case: runs with SLICEATTN_BENCH=full")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +93,24 @@ def test_whole_scan_prediction(benchmark, scan: np.ndarray, network: torch.nn.Mo
     benchmark.pedantic(lambda: segment(network, scan, TILE, overlap=0.5), rounds=1, iterations=1)
     ours = benchmark.stats.stats.min
     benchmark.extra_info.update(baseline=name, baseline_seconds=base, ratio=ours / base)
+
+
+def test_whole_scan_prediction_onnx(benchmark, scan: np.ndarray, network: torch.nn.Module) -> None:
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+    pytest.importorskip("onnxscript", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+    from onnx_engine import onnx_network
+
+    engine = onnx_network(network, TILE)
+    start = time.perf_counter()
+    expected = segment(network, scan, TILE, overlap=0.5)[0]
+    torch_seconds = time.perf_counter() - start
+    benchmark.group = "ms-lesion whole scan 182x218x182, onnxruntime"
+    probability = benchmark.pedantic(lambda: segment(engine, scan, TILE, overlap=0.5)[0], rounds=1, iterations=1)
+    onnx_seconds = benchmark.stats.stats.min
+    difference = float(np.abs(probability - expected).max())
+    benchmark.extra_info.update(baseline="torch (inference.segment, same network and tiles)", baseline_seconds=torch_seconds,
+                                ratio=onnx_seconds / torch_seconds, max_probability_difference=difference,
+                                threads=torch.get_num_threads())
 
 
 STEP = """

@@ -7,7 +7,7 @@ from .functional import slice_attention
 from .layers import QKVProjection, RecurrentSliceAttention3d, SliceAttention3d
 from .nonlocal_block import NonLocal3d
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ATTENTION_BLOCKS",

@@ -59,7 +59,8 @@ def resolve_scale(scale: Scale, shape: torch.Size, dim: int) -> float:
         return 1.0
     if isinstance(scale, str):
         size = _slice_size(shape, dim)
-        return 1.0 / math.sqrt(size) if size else 1.0
+        # a power, not math.sqrt: under torch.export (ONNX) ``size`` is symbolic and stays so
+        return size**-0.5 if size else 1.0
     return scale
 
 
