@@ -1,5 +1,5 @@
 """experiment.py: its arguments checked before any training, its splits tied to their parameters, its
-report (paired statistics against unet, cost, run health) and its figure."""
+report (experiment_report.py: paired statistics against unet, cost, run health) and its figure."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import experiment
+import experiment_report
 from config import TrainingConfig
 from data import DataOptions
 from model import model_config
@@ -114,20 +115,20 @@ def fake_run(folder: Path, predicted: list[int], **metrics: Any) -> dict[str, An
 def test_dead_attention_and_all_background_runs_are_named(tmp_path: Path) -> None:
     metrics = fake_run(tmp_path / "a", [0, 0], attention_alive=False,
                        attention={"bottom_attention": {"alpha": [0.0, 1e-9, 0.0], "max_weight": 0.0312}})
-    problems = experiment.run_problems(tmp_path / "a", metrics)
+    problems = experiment_report.run_problems(tmp_path / "a", metrics)
     assert problems[0] == "attention dead (bottom_attention α [0, 1e-09, 0], max weight 0.031)"
     assert problems[1].startswith("no lesion voxel predicted in its 2 test subjects")
     healthy = fake_run(tmp_path / "b", [0, 5], attention_alive=True, attention={})
-    assert experiment.run_problems(tmp_path / "b", healthy) == []
+    assert experiment_report.run_problems(tmp_path / "b", healthy) == []
     # Older runs record neither: nothing is claimed about them.
-    assert experiment.run_problems(tmp_path / "missing", {"test": ["sub-001"]}) == []
+    assert experiment_report.run_problems(tmp_path / "missing", {"test": ["sub-001"]}) == []
 
 
 # ------------------------------------------------------------------------------------------------- report
 
 
 def run(split: int, dice: float, problems: list[str] | None = None, alive: bool | None = None) -> dict[str, Any]:
-    summary = {key: dice for key, _ in experiment.COLUMNS}
+    summary = {key: dice for key, _ in experiment_report.COLUMNS}
     return {"split": f"split-{split}", "summary": summary, "train_seconds": 10.0 + split, "peak_memory_mb": 100.0,
             "peak_memory_kind": "cpu-max-rss", "problems": problems or [], "attention_alive": alive}
 
@@ -142,7 +143,7 @@ def test_report_has_the_paired_rows_cost_and_flagged_runs(tmp_path: Path) -> Non
     results["rsa-010"][3] = run(3, base[3] + DIFFERENCES[3], ["attention dead"], alive=False)
     costs = {"unet": {"parameters": 1000, "forward_flops": 2e9, "crop": [16, 32, 32]},
              "rsa-010": {"parameters": 1100, "forward_flops": 2.2e9, "crop": [16, 32, 32]}}
-    text = experiment.report(results, costs)
+    text = experiment_report.report(results, costs)
     rows = [line for line in text.splitlines() if line.startswith("| rsa-010 | 4 |")]
     # mean 1.5 points; t interval 1.5 ± 3.182 * 2.646 / 2 = [-2.71, +5.71]; 4 pairs cannot reach 0.05.
     assert rows == ["| rsa-010 | 4 | " + " | ".join(["+1.50 [-2.71, +5.71] | n/a: 4 pairs, p ≥ 0.125"] * 3) + " |"]
@@ -154,7 +155,7 @@ def test_report_has_the_paired_rows_cost_and_flagged_runs(tmp_path: Path) -> Non
 
 
 def test_report_without_the_baseline_says_what_it_needs() -> None:
-    text = experiment.report({"rsa-010": [run(0, 0.5)]}, {})
+    text = experiment_report.report({"rsa-010": [run(0, 0.5)]}, {})
     assert "Needs unet and another method on the same splits" in text
 
 
@@ -168,7 +169,7 @@ def test_flops_count_the_attention_blocks_custom_autograd_functions(tmp_path: Pa
                                   crop=(16, 32, 32), filters=(4, 8, 16, 32, 64), lesion_crop_fraction=0.0,
                                   val_every=0, lr_schedule="constant", out="o", device="cpu", method=method)
         torch.save({"config": model_config(method, filters="tiny"), "model": {}, "training": training.record()}, path)
-        costs[method] = experiment.network_cost(path)
+        costs[method] = experiment_report.network_cost(path)
     bottom = cost.unet_shapes((16, 32, 32), filters=(4, 8, 16, 32, 64))[-1]
     assert costs["rsa-010"]["forward_flops"] - costs["unet"]["forward_flops"] == cost.rsa_cost(bottom).forward > 0
     assert costs["rsa-010"]["parameters"] > costs["unet"]["parameters"] > 0

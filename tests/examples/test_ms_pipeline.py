@@ -136,14 +136,14 @@ def test_every_method_name_builds() -> None:
 
 
 def test_experiment_table_has_table1_columns_and_mean_std() -> None:
-    import experiment
+    import experiment_report
 
     def run(dice: float) -> dict:
         summary = {"sample_dice": dice, "voxel_dice": dice, "sample_iou": dice / 2, "voxel_iou": dice / 2,
                    "voxel_lesion_f1": 0.5}
         return {"summary": summary, "train_seconds": 10.0, "peak_memory_mb": 100.0, "peak_memory_kind": "cpu-max-rss"}
 
-    text = experiment.table({"rsa-010": [run(0.6), run(0.8)]})
+    text = experiment_report.table({"rsa-010": [run(0.6), run(0.8)]})
     header, _, row = text.splitlines()[:3]
     assert "Sample-avg Dice" in header and "Voxel-avg IoU" in header and "Peak memory" in header
     assert row.startswith("| rsa-010 | 70.00 ± 14.14 | 70.00 ± 14.14 | 35.00 ± 7.07")
