@@ -116,7 +116,7 @@ def test_whole_scan_prediction_onnx(benchmark, scan: np.ndarray, network: torch.
 STEP = """
 import sys, time, torch
 sys.path.insert(0, sys.argv[1])
-from cli import tune_allocator
+from runtime import tune_allocator
 from model import build_model
 if sys.argv[2] == "tuned":
     assert tune_allocator()

@@ -995,11 +995,7 @@ def make_cohort(
             _montage_of(files[ids[0]], out / MONTAGE_NAME)
         return out
     if previous is not None:
-        for path in _written_by_cohort(out, previous):
-            path.unlink(missing_ok=True)
-        for folder in sorted({p.parent for p in _written_by_cohort(out, previous)} - {out}):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        _remove_cohort(out, previous)
     out.mkdir(parents=True, exist_ok=True)
     stats = {}
     for index, sid in enumerate(ids):
@@ -1017,6 +1013,15 @@ def make_cohort(
         _montage_of(files[ids[0]], out / MONTAGE_NAME)
     record.write_text(json.dumps({"params": params, "preset": asdict(PRESETS[preset]), "stats": stats}, indent=1))
     return out
+
+
+def _remove_cohort(out: Path, record: dict) -> None:
+    """Delete the files a recorded cohort wrote in ``out`` (and the folders that empties), nothing else."""
+    for path in _written_by_cohort(out, record):
+        path.unlink(missing_ok=True)
+    for folder in sorted({p.parent for p in _written_by_cohort(out, record)} - {out}):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _read_record(path: Path) -> dict | None:
