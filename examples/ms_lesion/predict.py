@@ -88,6 +88,21 @@ def check_out(out: Path, data: Path, subjects: Sequence[CasePaths], names: Seque
     refuse_existing(out, names, overwrite)
 
 
+def onnx_model(model: nn.Module, tile: Sequence[int], device: torch.device) -> Any:
+    """The network exported to onnxruntime (``--engine onnx``).
+
+    Raises:
+        UsageError: a device other than the CPU, or the onnx extra missing.
+    """
+    if device.type != "cpu":
+        raise UsageError(f"--engine onnx runs on the CPU, not {device}; use --device cpu or --engine torch")
+    try:
+        from onnx_engine import onnx_network
+    except ImportError as exc:
+        raise UsageError(f"--engine onnx needs the onnx extra (pip install 'sliceattn[onnx]'): {exc}") from None
+    return onnx_network(model, tile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="model.pt (or checkpoint.pt) written by train.py")
@@ -97,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     outputs = parser.add_argument_group("outputs")
     add_postprocessing_options(outputs)
     outputs.add_argument("--probabilities", action="store_true", help="also write <id>_prob.nii.gz (float32)")
+    outputs.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                         help="run the network in torch, or export it once and run it in onnxruntime (CPU only, "
+                         "needs the onnx extra; faster on a CPU, see docs/benchmarks_example.md) (default: torch)")
     outputs.add_argument("--label-lesions", action="store_true",
                          help="also write <id>_lesions.nii.gz, a uint16 map of the lesions numbered as in the CSV")
     add_data_options(parser)
@@ -122,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     names = [name for s in subjects for name in outputs(s.id, args)] + ["report.csv"]
     check_out(out, Path(args.data), subjects, names, args.overwrite, resolve_layout(args.data, options.layout) == "nnunet")
+    if args.engine == "onnx":
+        model = onnx_model(model, trained.crop, device)
     for case_id, error in errors.items():  # missing or ambiguous files: reported, the others go on
         print(f"error: subject {case_id}: {error}", file=sys.stderr)
     failed, report = list(errors), []

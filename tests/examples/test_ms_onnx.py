@@ -81,3 +81,24 @@ def test_segment_with_onnx_network_matches_torch() -> None:
 def test_export_refuses_bad_arguments(tile: tuple[int, ...], batch_size: int, message: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=message):
         export_network(attentive_unet("rsa-010"), tile, tmp_path / "x.onnx", batch_size=batch_size)
+
+
+def test_predict_engine_onnx_writes_what_torch_writes(cohort: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    import nibabel as nib
+
+    import predict
+    import train
+
+    run = tmp_path / "run"
+    assert train.main(["--data", str(cohort), "--iterations", "2", "--test-fraction", "0.5", "--out", str(run),
+                       "--preset", "demo", "--crop", "16", "32", "32", "--no-progress", "--val-every", "0"]) == 0
+    common = ["--checkpoint", str(run / "model.pt"), "--data", str(cohort), "--probabilities"]
+    for engine in ("torch", "onnx"):
+        assert predict.main([*common, "--out", str(tmp_path / engine), "--engine", engine]) == 0
+    for case in ("sub-001", "sub-004"):
+        probabilities = [np.asanyarray(nib.load(tmp_path / e / f"{case}_prob.nii.gz").dataobj) for e in ("torch", "onnx")]
+        np.testing.assert_allclose(*probabilities, atol=1e-3)
+    capsys.readouterr()
+    assert predict.main([*common, "--out", str(tmp_path / "gpu"), "--engine", "onnx", "--device", "meta"]) == 2
+    assert "--engine onnx runs on the CPU" in capsys.readouterr().err
