@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "ms_lesion"
-if str(EXAMPLE_DIR) not in sys.path:
-    sys.path.insert(0, str(EXAMPLE_DIR))
+for folder in (EXAMPLE_DIR, Path(__file__).resolve().parent):  # the example's modules, and cli_checks.py
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 #: import names of the ``examples`` extra in pyproject.toml
 EXAMPLE_EXTRAS = ("nibabel", "nilearn", "scipy", "tqdm", "matplotlib", "batchgeneratorsv2")

@@ -20,6 +20,7 @@ import predict
 import train
 from data import default_roles, find_cases
 from synthetic import make_cohort
+from cli_checks import one_error_line
 
 EXAMPLE = Path(train.__file__).resolve().parent
 TINY = ["--preset", "demo", "--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2", "--no-progress",
@@ -36,13 +37,6 @@ NAMINGS = [
 ]
 
 
-def one_error_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
-    # A busy machine adds a "warning: the load average is ..." line (cli.configure_runtime); it is not an error.
-    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: "))
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 @pytest.fixture(scope="module")

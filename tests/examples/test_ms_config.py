@@ -22,17 +22,12 @@ from data import DataOptions
 from monitor import ALIVE_EFFECT
 from run import UsageError, read_split
 from synthetic import make_cohort
+from cli_checks import one_error_line
 
 TINY = ["--preset", "demo", "--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2", "--no-progress",
         "--val-every", "0", "--lesion-crop-fraction", "0.5"]
 
 
-def one_error_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
-    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: "))
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def config_of(argv: list[str]) -> TrainingConfig:

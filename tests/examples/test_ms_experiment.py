@@ -17,18 +17,13 @@ from data import DataOptions
 from model import model_config
 from run import UsageError, random_split, write_json
 from sliceattn import cost
+from cli_checks import one_error_line
 
 IDS = [f"sub-00{i}" for i in range(1, 5)]
 TINY = ["--preset", "demo", "--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2",
         "--lesion-crop-fraction", "0.5", "--iterations", "2"]
 
 
-def one_error_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
-    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: "))
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 # ---------------------------------------------------------------------------------------------- arguments
