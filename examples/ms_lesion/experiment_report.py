@@ -53,9 +53,7 @@ def run_problems(run_dir: Path, metrics: Mapping[str, Any]) -> list[str]:
     if metrics.get("attention_alive") is False:
         blocks = []
         for name, block in (metrics.get("attention") or {}).items():
-            alpha = ", ".join(f"{a:.2g}" for a in block.get("alpha", []))
-            weight = block.get("max_weight")
-            blocks.append(f"{name} α [{alpha}]" + (f", max weight {weight:.2g}" if weight is not None else ""))
+            blocks.append(f"{name}: " + ", ".join(f"{key} {value:.2g}" for key, value in block.items()))
         problems.append("attention dead" + (f" ({'; '.join(blocks)})" if blocks else ""))
     if predicted_voxels(run_dir) == 0:
         problems.append(f"no lesion voxel predicted in its {len(metrics.get('test', []))} test subjects "

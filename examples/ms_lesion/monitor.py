@@ -9,11 +9,12 @@ norm's weight), the mean over rows of each attention map's largest weight (``<bl
 ``1/L`` for a uniform map over ``L`` slices or voxels, 1 for a one-hot map) and the block's effect
 ``||out - in|| / ||in||`` on the training batch (``<block>.effect``: the gate times what the attention
 adds, so it also sees projections decayed to zero under a non-zero gate), and warns at the end of a run
-when a block's effect stayed below ``ALIVE_EFFECT``.
+when a block's effect, averaged over the last tenth of the iterations, stayed below ``ALIVE_EFFECT``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -76,8 +77,21 @@ def log_columns(state: dict[str, dict[str, float]]) -> dict[str, str]:
     return {f"{name}.{key}": f"{value:.6g}" for name, values in state.items() for key, value in values.items()}
 
 
+def with_recent_effect(state: dict[str, dict[str, float]], log: Sequence[Mapping[str, Any]],
+                       fraction: float = 0.1) -> dict[str, dict[str, float]]:
+    """``state`` with each block's ``effect`` replaced by its mean over the last ``fraction`` of the log rows
+    (at least one): one batch's effect is noisy (a live block measured 8e-4 on its last batch and 2e-3
+    on average over its last 30)."""
+    recent = list(log)[-max(1, int(len(log) * fraction)):]
+    averaged = {}
+    for name, values in state.items():
+        effects = [float(row[f"{name}.effect"]) for row in recent if row.get(f"{name}.effect", "") != ""]
+        averaged[name] = {**values, "effect": sum(effects) / len(effects)} if effects else dict(values)
+    return averaged
+
+
 def stayed_identity(state: dict[str, dict[str, float]]) -> list[str]:
-    """The blocks whose last training forward changed their input by less than ``ALIVE_EFFECT``."""
+    """The blocks whose ``effect`` (see ``with_recent_effect``) is below ``ALIVE_EFFECT``."""
     return [name for name, values in state.items() if values.get("effect", 0.0) < ALIVE_EFFECT]
 
 

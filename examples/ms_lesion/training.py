@@ -36,7 +36,9 @@ from figures import save_attention_figure, save_comparison
 from inference import evaluate_cases, lesion_attention
 from loss import WeightedCrossEntropy, class_weights
 from model import build_model, crop_divisor, model_config, read_checkpoint, set_output_prior, training_memory_bytes
-from monitor import ALIVE_EFFECT, attention_state, attention_summary, log_columns, stayed_identity, watch
+from monitor import (
+    ALIVE_EFFECT, attention_state, attention_summary, log_columns, stayed_identity, watch, with_recent_effect,
+)
 from run import (
     UsageError, changed_files, check_split, file_digest, random_split, read_split, remove_run, run_files,
     save_atomically, write_csv, write_json,
@@ -408,7 +410,7 @@ def finish(run: Run) -> dict[str, Any]:
     peak, peak_kind = peak_memory_mb(run.device)
     save_atomically(out / "model.pt", lambda tmp: torch.save({**run.meta, "model": run.network.state_dict()}, tmp))
     write_json(out / "split.json", run.data.split)
-    state = attention_state(run.network)
+    state = with_recent_effect(attention_state(run.network), run.log)
     result: dict[str, Any] = {"method": config.method, "iterations": config.iterations,
                               "train_seconds": run.elapsed, "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
                               "r": run.meta["r"], "train": run.data.split["train"], "test": run.data.split["test"],
@@ -451,7 +453,8 @@ def warn_identity_blocks(run: Run, state: dict[str, dict[str, float]]) -> None:
     """Warn about attention blocks whose gates never left zero: the network trained without them."""
     for name in stayed_identity(state):
         print(f"warning: the attention block {name} stayed the identity (it changes its input by "
-              f"{state[name].get('effect', 0.0):.1e} < {ALIVE_EFFECT:g} after {run.config.iterations} iterations): "
+              f"{state[name].get('effect', 0.0):.1e} < {ALIVE_EFFECT:g} over the last tenth of {run.config.iterations} "
+              "iterations): "
               "this run is a plain U-Net; check --attention-weight-decay "
               f"(now {run.config.attention_weight_decay:g}) and docs/ms_lesion_training.md", file=sys.stderr)
 

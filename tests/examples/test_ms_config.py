@@ -245,3 +245,14 @@ def test_batches_without_augmentation_are_todays_crops_and_augmented_ones_keep_t
     assert set(torch.unique(label_a).tolist()) <= {0, 1, 255} and not torch.equal(image_a, image)
     again = training.batch_for(5, cases, augmented, 0, 1)
     assert torch.equal(again[0], image_a) and torch.equal(again[1], label_a)
+
+
+def test_liveness_averages_the_effect_over_the_last_tenth_of_the_log() -> None:
+    from monitor import stayed_identity, with_recent_effect
+
+    state = {"bottom_attention": {"alpha_axial": 3e-3, "effect": 8e-4}}  # one noisy last batch
+    log = [{"bottom_attention.effect": str(e)} for e in [0.0] * 90 + [2e-3] * 9 + [8e-4]]
+    assert stayed_identity(state) == ["bottom_attention"]
+    assert stayed_identity(with_recent_effect(state, log)) == []
+    dead = [{"bottom_attention.effect": "5e-5"}] * 100
+    assert stayed_identity(with_recent_effect(state, dead)) == ["bottom_attention"]

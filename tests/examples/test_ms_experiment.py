@@ -109,9 +109,11 @@ def fake_run(folder: Path, predicted: list[int], **metrics: Any) -> dict[str, An
 
 def test_dead_attention_and_all_background_runs_are_named(tmp_path: Path) -> None:
     metrics = fake_run(tmp_path / "a", [0, 0], attention_alive=False,
-                       attention={"bottom_attention": {"alpha": [0.0, 1e-9, 0.0], "max_weight": 0.0312}})
+                       attention={"bottom_attention": {"alpha_coronal": 0.0, "alpha_axial": 1e-9,
+                                                       "max_weight_axial": 0.0312, "effect": 4e-5}})
     problems = experiment_report.run_problems(tmp_path / "a", metrics)
-    assert problems[0] == "attention dead (bottom_attention α [0, 1e-09, 0], max weight 0.031)"
+    assert problems[0] == ("attention dead (bottom_attention: alpha_coronal 0, alpha_axial 1e-09, max_weight_axial "
+                           "0.031, effect 4e-05)")
     assert problems[1].startswith("no lesion voxel predicted in its 2 test subjects")
     healthy = fake_run(tmp_path / "b", [0, 5], attention_alive=True, attention={})
     assert experiment_report.run_problems(tmp_path / "b", healthy) == []
