@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"iterations": 300, "batch_size": 2, "crop": (64, 64, 64), "filters": "half",
             "lesion_crop_fraction": 0.5, "val_every": 0, "lr_schedule": "poly", "augment": "none"},
     "demo": {"iterations": 150, "batch_size": 2, "crop": (32, 64, 64), "filters": "tiny",
-             "lesion_crop_fraction": 0.5, "val_every": 75, "lr_schedule": "constant", "augment": "none"},
+             "lesion_crop_fraction": 0.5, "val_every": 75, "lr_schedule": "constant", "augment": "light"},
 }
 LR_SCHEDULES: tuple[str, ...] = ("constant", "poly")
 # Fields that cannot change the trained weights: --resume accepts other values for them. The data folder

@@ -9,10 +9,10 @@
 Adam lr 1e-3, weight decay 1e-5 and the exponentially weighted cross-entropy with r = mean lesion
 fraction of the training subjects (RSANet, MICCAI 2019) in every preset; --preset sets the rest:
 
-  preset  iterations  batch  crop          filters   lesion crops  lr schedule  s/iteration (2 CPU cores)
-  paper   800         4      32 128 128    32..512   0             constant     about 40 (a GPU preset)
-  cpu     300         2      64 64 64      16..256   0.5           poly         1.6 (about 8 min)
-  demo    150         2      32 64 64      4..64     0.5           constant     0.26
+  preset  iterations  batch  crop          filters   lesion crops  lr schedule  augment  s/iteration (2 CPU cores)
+  paper   800         4      32 128 128    32..512   0             constant     none     about 40 (a GPU preset)
+  cpu     300         2      64 64 64      16..256   0.5           poly         none     1.6 (about 8 min)
+  demo    150         2      32 64 64      4..64     0.5           constant     light    0.26
 
 Default: demo without --data (the synthetic demo cohort is generated and cached); with --data, paper
 on a CUDA device and cpu on the CPU (printed at the start). Explicit flags override single values.

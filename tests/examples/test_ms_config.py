@@ -187,7 +187,7 @@ def test_ctrl_c_is_one_line_naming_the_last_checkpoint(cohort: Path, tmp_path: P
 
 def test_the_log_shows_the_attention_alive_and_decay_kills_it(cohort: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
-    common = ["--data", str(cohort), "--iterations", "80", "--test-fraction", "0.5", *TINY]
+    common = ["--data", str(cohort), "--iterations", "80", "--test-fraction", "0.5", *TINY, "--augment", "none"]
     assert train.main([*common, "--out", str(tmp_path / "alive")]) == 0
     assert "stayed the identity" not in capsys.readouterr().err
     alive = last_log_row(tmp_path / "alive")
@@ -228,7 +228,7 @@ def test_data_options_refuse_unknown_and_repeated_modalities() -> None:
 def test_batches_without_augmentation_are_todays_crops_and_augmented_ones_keep_the_shape(cohort: Path) -> None:
     from data import sample_crop
 
-    config = config_of(["--data", str(cohort), "--out", "x", *TINY])
+    config = config_of(["--data", str(cohort), "--out", "x", *TINY, "--augment", "none"])
     cases = [DataOptions().load(p) for p in DataOptions().find(cohort)]
     image, label = training.batch_for(5, cases, config, 0, 1)
     rng = np.random.default_rng([config.seed, 5])
