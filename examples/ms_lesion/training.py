@@ -37,14 +37,14 @@ from inference import evaluate_cases, lesion_attention
 from loss import WeightedCrossEntropy, class_weights
 from model import build_model, crop_divisor, model_config, read_checkpoint, set_output_prior, training_memory_bytes
 from monitor import (
-    ALIVE_EFFECT, attention_state, attention_summary, log_columns, stayed_identity, watch, with_recent_effect,
+    ALIVE_EFFECT, attention_blocks, attention_state, attention_summary, log_columns, stayed_identity, watch,
+    with_recent_effect,
 )
 from run import (
     UsageError, changed_files, check_split, file_digest, random_split, read_split, remove_run, run_files,
     save_atomically, write_csv, write_json,
 )
 from runtime import amp_dtype, configure_runtime, peak_memory_mb
-from sliceattn import NonLocal3d, RecurrentSliceAttention3d
 
 DEMO_SUBJECTS = 12
 LOG_FIELDS = ("iteration", "loss", "seconds", "val_sample_dice", "val_voxel_dice", "val_voxel_lesion_f1")
@@ -170,8 +170,7 @@ def parameter_groups(network: nn.Module, weight_decay: float, attention_weight_d
     per step towards 0 whatever ``wd`` is. With the paper's 1e-5 the projections collapsed from 0.06 to
     about 1e-8 within 300 steps and the gates never left 0: the block stayed the identity.
     """
-    attention = {id(p) for m in network.modules() if isinstance(m, (RecurrentSliceAttention3d, NonLocal3d))
-                 for p in m.parameters()}
+    attention = {id(p) for block in attention_blocks(network).values() for p in block.parameters()}
     rest = [p for p in network.parameters() if id(p) not in attention]
     blocks = [p for p in network.parameters() if id(p) in attention]
     return [{"params": rest, "weight_decay": weight_decay},
