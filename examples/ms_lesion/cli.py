@@ -20,7 +20,7 @@ from data import (
     LABEL2_MODES, LAYOUTS, MODALITIES, NNUNET_IMAGES, NORMALISATIONS, DataError, DataOptions, describe, parse_patterns,
     resolve_layout,
 )
-from inference import DEFAULT_OVERLAP
+from inference import DEFAULT_OVERLAP, DEFAULT_THRESHOLD
 from lesions import DEFAULT_MIN_LESION_MM3
 from run import UsageError
 
@@ -158,10 +158,20 @@ def _mm3(text: str) -> float:
     return value
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in (0, 1), got {text}")
+    return value
+
+
 def add_postprocessing_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--tta`` and ``--min-lesion-size``: what evaluation and prediction do to the network's output."""
+    """``--tta``, ``--threshold`` and ``--min-lesion-size``: what evaluation and prediction do to the network's output."""
     parser.add_argument("--tta", action="store_true",
                         help="average the probabilities over the 8 mirrorings of each tile (8x the time)")
+    parser.add_argument("--threshold", type=_probability, default=DEFAULT_THRESHOLD,
+                        help=f"a voxel is lesion where its lesion probability is above this (default: {DEFAULT_THRESHOLD:g}, "
+                        "the argmax)")
     parser.add_argument("--min-lesion-size", type=_mm3, default=DEFAULT_MIN_LESION_MM3, metavar="MM3",
                         help="remove predicted lesions (26-connected) smaller than this many mm^3 "
                         f"(default: {DEFAULT_MIN_LESION_MM3:g})")

@@ -20,7 +20,7 @@ from typing import Any
 from augment import AUGMENTATIONS
 from data import CENTRES, DataOptions
 from inference import DEFAULT_OVERLAP
-from loss import WEIGHTINGS
+from loss import LOSSES, WEIGHTINGS
 from model import FILTER_PRESETS, METHODS, parse_method, resolve_filters
 from run import UsageError
 from runtime import AMP_CHOICES
@@ -94,9 +94,11 @@ class TrainingConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-5
     attention_weight_decay: float = 0.0
+    loss: str = "ce"                        # loss.LOSSES: the weighted cross-entropy, or Dice + cross-entropy
     loss_weights: str = "swapped"
     crop_centre: str = "brain"
     augment: str = "none"                   # augment.AUGMENTATIONS; "none" is the paper's plain random crops
+    ema: float = 0.0                        # decay of an exponential moving average of the weights; 0 = final
     seed: int = 0
     amp: str = "auto"
     checkpoint_every: int = 50
@@ -112,6 +114,7 @@ class TrainingConfig:
         _choice(self.preset, "--preset", tuple(PRESETS))
         _choice(self.method, "--method", METHODS)
         _choice(self.lr_schedule, "--lr-schedule", LR_SCHEDULES)
+        _choice(self.loss, "--loss", LOSSES)
         _choice(self.loss_weights, "--loss-weights", WEIGHTINGS)
         _choice(self.crop_centre, "--crop-centre", CENTRES)
         _choice(self.augment, "--augment", AUGMENTATIONS)
@@ -127,6 +130,7 @@ class TrainingConfig:
         _finite(self.lr, "--lr", low=0.0, low_open=True)
         _finite(self.weight_decay, "--weight-decay", low=0.0)
         _finite(self.attention_weight_decay, "--attention-weight-decay", low=0.0)
+        _finite(self.ema, "--ema", low=0.0, high=1.0, high_open=True)
         _finite(self.lesion_crop_fraction, "--lesion-crop-fraction", low=0.0, high=1.0)
         _finite(self.test_fraction, "--test-fraction", low=0.0, high=1.0, high_open=True)
         _finite(self.overlap, "--overlap", low=0.0, high=1.0, high_open=True)

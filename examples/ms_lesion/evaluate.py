@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = [options.load(p) for p in found]
     check_lesion_masks(cases, training=False)
     summary, rows, _ = evaluate_cases(model, cases, trained.crop, overlap=args.overlap, device=device,
-                                      mirror=args.tta, min_lesion_mm3=args.min_lesion_size)
+                                      mirror=args.tta, min_lesion_mm3=args.min_lesion_size, threshold=args.threshold)
     notes = warnings_for(summary, rows)
     write_json(out / "metrics.json", {**summary, "warnings": notes})
     write_csv(out / "cases.csv", rows)

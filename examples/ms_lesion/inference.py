@@ -26,6 +26,8 @@ from sliceattn import RecurrentSliceAttention3d
 
 # The tile overlap of every script's --overlap and of the functions below.
 DEFAULT_OVERLAP = 0.5
+# The lesion-probability threshold of the masks; 0.5 is the argmax (docs/ms_lesion_training.md measures others).
+DEFAULT_THRESHOLD = 0.5
 
 def gaussian_weight(size: Sequence[int], sigma_scale: float = 1 / 8) -> Tensor:
     """A ``(d, h, w)`` Gaussian importance map, peak 1, sigma = ``sigma_scale * size`` per axis.
@@ -146,7 +148,8 @@ def foreground_box(image: np.ndarray) -> tuple[slice, slice, slice]:
     return tuple(box)  # type: ignore[return-value]
 
 
-def segment(model: nn.Module, image: np.ndarray, tile: Sequence[int], **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+def segment(model: nn.Module, image: np.ndarray, tile: Sequence[int], threshold: float = DEFAULT_THRESHOLD,
+            **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
     """Lesion probability and mask of a whole ``(M, D, H, W)`` volume.
 
     Only the bounding box of the non-zero voxels is tiled (nnU-Net crops to it too): on skull-stripped
@@ -156,19 +159,18 @@ def segment(model: nn.Module, image: np.ndarray, tile: Sequence[int], **kwargs: 
         model: the network in eval mode.
         image: ``(M, D, H, W)`` volume.
         tile: the sliding-window tile.
+        threshold: a voxel is lesion where its lesion probability is above this (0.5: the argmax).
         **kwargs: ``overlap``, ``batch_size``, ``device``, ``amp_dtype``, ``mirror`` of
             ``sliding_window_probabilities``.
 
     Returns:
-        ``(D, H, W)`` float32 lesion probability (class 1) and ``(D, H, W)`` uint8 mask (the argmax).
+        ``(D, H, W)`` float32 lesion probability (class 1) and ``(D, H, W)`` uint8 mask (probability > threshold).
     """
     box = foreground_box(image)
     probabilities = sliding_window_probabilities(model, np.asarray(image)[(slice(None), *box)], tile, **kwargs)
     lesion = np.zeros(np.asarray(image).shape[1:], np.float32)
-    mask = np.zeros(lesion.shape, np.uint8)
     lesion[box] = probabilities[1].numpy()
-    mask[box] = probabilities.argmax(0).to(torch.uint8).numpy()
-    return lesion, mask
+    return lesion, (lesion > threshold).astype(np.uint8)
 
 
 def predict_mask(model: nn.Module, image: np.ndarray | Tensor, tile: Sequence[int], **kwargs: Any) -> np.ndarray:
@@ -186,6 +188,7 @@ def evaluate_cases(
     amp_dtype: torch.dtype | None = None,
     mirror: bool = False,
     min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
     """Segment each labelled case whole and score it.
 
@@ -198,6 +201,7 @@ def evaluate_cases(
         amp_dtype: CUDA autocast dtype or None.
         mirror: mirroring test-time augmentation (``sliding_window_probabilities``).
         min_lesion_mm3: remove predicted lesions smaller than this (``lesions.remove_small_lesions``).
+        threshold: the lesion-probability threshold of the masks (``segment``).
 
     Returns:
         The cohort summary, one row of scores per case (with ``id``), and the ``(D, H, W)`` uint8
@@ -208,7 +212,8 @@ def evaluate_cases(
     for case in cases:
         if case.label is None:
             raise ValueError(f"case {case.id!r} has no lesion mask; evaluation needs labelled cases")
-        mask = predict_mask(model, case.image, tile, overlap=overlap, device=device, amp_dtype=amp_dtype, mirror=mirror)
+        mask = predict_mask(model, case.image, tile, threshold=threshold, overlap=overlap, device=device,
+                            amp_dtype=amp_dtype, mirror=mirror)
         mask = remove_small_lesions(mask, np.diag([*case.spacing, 1.0]), min_lesion_mm3)
         count = case_counts(mask, case.label, case.spacing)
         counts.append(count)

@@ -9,6 +9,9 @@ opposite of an imbalance correction; the two are probably swapped in the text. B
 ``"literal"`` (the formula as printed) and ``"swapped"`` (lesion ``e^(1-r)/...``, background
 ``e^r/...``), plus ``"none"`` (plain cross-entropy). docs/ms_lesion_training.md gives the
 measurement that picked ``"swapped"`` as the training default.
+
+``DiceCrossEntropy`` adds nnU-Net's soft Dice of the lesion class (pooled over the batch) to that
+cross-entropy: ``--loss dice-ce`` (with ``--loss-weights none`` it is nnU-Net's default loss).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from data import IGNORE_LABEL
 
 WEIGHTINGS: tuple[str, ...] = ("swapped", "literal", "none")
+LOSSES: tuple[str, ...] = ("ce", "dice-ce")
 
 
 def class_weights(r: float, weighting: str = "swapped") -> tuple[float, float]:
@@ -91,3 +95,46 @@ class WeightedCrossEntropy(nn.Module):
     def extra_repr(self) -> str:
         background, lesion = self.weight.tolist()
         return f"r={self.r:.3g}, weighting={self.weighting!r}, background={background:.4f}, lesion={lesion:.4f}"
+
+
+class DiceCrossEntropy(nn.Module):
+    """``WeightedCrossEntropy`` plus ``1 - soft Dice`` of the lesion class over ``(B, 2, D, H, W)`` logits.
+
+    The Dice pools every voxel of the batch (nnU-Net's batch Dice), voxels labelled 255 left out:
+    ``(2 sum p t + s) / (sum p + sum t + s)`` with ``p`` the lesion probability, ``t`` the lesion label
+    and ``s = 1e-5``. With ``distributed=True`` the three sums run over every process's crops (a
+    differentiable all-reduce), so the loss is that of one process holding the whole batch.
+
+    Args:
+        r: mean lesion fraction of the training set (for the cross-entropy's weights).
+        weighting: the cross-entropy's class weights, see ``class_weights`` (nnU-Net: ``"none"``).
+        distributed: reduce over the default process group.
+    """
+
+    def __init__(self, r: float, weighting: str = "none", *, distributed: bool = False, smooth: float = 1e-5) -> None:
+        super().__init__()
+        self.cross_entropy = WeightedCrossEntropy(r, weighting, distributed=distributed)
+        self.distributed = distributed
+        self.smooth = smooth
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """``logits (B, 2, D, H, W)``, ``target (B, D, H, W)`` integer labels -> scalar loss."""
+        cross_entropy = self.cross_entropy(logits, target)  # checks the shapes
+        valid = target != IGNORE_LABEL
+        lesion = logits.float().softmax(1)[:, 1] * valid
+        truth = ((target == 1) & valid).float()
+        sums = torch.stack([(lesion * truth).sum(), lesion.sum(), truth.sum()])
+        if self.distributed and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.nn.functional import all_reduce  # differentiable: gradients reach every process
+
+            sums = all_reduce(sums)
+        dice = (2 * sums[0] + self.smooth) / (sums[1] + sums[2] + self.smooth)
+        return cross_entropy + 1.0 - dice
+
+
+def make_loss(loss: str, r: float, weighting: str, *, distributed: bool = False) -> nn.Module:
+    """The training loss ``--loss`` names: ``"ce"`` (``WeightedCrossEntropy``) or ``"dice-ce"``."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    kind = WeightedCrossEntropy if loss == "ce" else DiceCrossEntropy
+    return kind(r, weighting, distributed=distributed)

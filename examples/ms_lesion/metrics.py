@@ -102,7 +102,8 @@ def scores(counts: CaseCounts | Sequence[CaseCounts]) -> dict[str, float]:
         counts: one case's counts, or several cases' (then voxels and lesions are pooled).
 
     Returns:
-        ``dice``, ``iou``, ``lesion_tpr``, ``lesion_precision``, ``lesion_f1``, ``avd_ml``, ``avd_percent``.
+        ``dice``, ``iou``, ``lesion_tpr``, ``lesion_precision``, ``lesion_f1``, ``avd_ml``, ``avd_percent`` and
+        ``volume_ratio`` (predicted / reference lesion volume: above 1 over-segments; NaN for an empty reference).
     """
     items = [counts] if isinstance(counts, CaseCounts) else list(counts)
     if not items:
@@ -123,6 +124,7 @@ def scores(counts: CaseCounts | Sequence[CaseCounts]) -> dict[str, float]:
         "lesion_f1": _ratio(2 * tpr * precision, tpr + precision, empty),
         "avd_ml": abs(predicted_ml - reference_ml),
         "avd_percent": 100.0 * abs(predicted_ml - reference_ml) / reference_ml if reference_ml > 0 else math.nan,
+        "volume_ratio": predicted_ml / reference_ml if reference_ml > 0 else math.nan,
     }
 
 

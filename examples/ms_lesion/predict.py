@@ -54,7 +54,8 @@ def predict_case(model: nn.Module, paths: CasePaths, out: Path, tile: Sequence[i
                  args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Load, segment, post-process and write one subject; returns its ``report.csv`` row."""
     case = options.load(paths)
-    probability, mask = segment(model, case.image, tile, overlap=args.overlap, device=device, mirror=args.tta)
+    probability, mask = segment(model, case.image, tile, threshold=args.threshold, overlap=args.overlap, device=device,
+                                mirror=args.tta)
     mask = remove_small_lesions(mask, np.diag([*case.spacing, 1.0]), args.min_lesion_size)
     labels, count = label_lesions(mask)
     # On the source grid: voxel indices map to millimetres through its affine.

@@ -35,7 +35,7 @@ from augment import AUGMENTATIONS
 from cli import Parser, add_data_options, add_inference_options, add_runtime_options, command, data_options, list_cases
 from config import LR_SCHEDULES, PRESETS, TrainingConfig, parse_attention_scale, parse_filters
 from data import CENTRES
-from loss import WEIGHTINGS
+from loss import LOSSES, WEIGHTINGS
 from model import FILTER_PRESETS, METHODS
 from run import UsageError
 from runtime import AMP_CHOICES, select_device
@@ -99,6 +99,9 @@ def add_training_options(train: argparse._ArgumentGroup) -> None:
                        help="cross-entropy class weights: 'swapped' (lesion e^(1-r)/..., measured better, see "
                        "docs/ms_lesion_training.md), 'literal' (the paper's formula as printed) or 'none' "
                        f"{_default('loss_weights')}")
+    train.add_argument("--loss", choices=LOSSES, default=None,
+                       help="ce: the paper's class-weighted cross-entropy; dice-ce: nnU-Net's soft Dice of the lesion "
+                       f"class plus that cross-entropy {_default('loss')}")
     train.add_argument("--lesion-crop-fraction", type=float, default=None, help="probability that a crop is centred "
                        f"on a lesion voxel {_preset_default('lesion_crop_fraction')}")
     train.add_argument("--crop-centre", choices=CENTRES, default=None,
@@ -107,6 +110,9 @@ def add_training_options(train: argparse._ArgumentGroup) -> None:
                        help="augmentation of each crop (batchgeneratorsv2): none (the paper's plain random crops), "
                        "light (mirroring, intensity), default (nnU-Net's default transforms), heavy (more often, "
                        f"stronger, elastic) {_preset_default('augment')}")
+    train.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                       help="keep an exponential moving average of the weights with this decay (e.g. 0.98) and "
+                       f"save and evaluate it instead of the last weights; 0 = the last weights {_default('ema')}")
     train.add_argument("--no-prior-start", dest="prior_start", action="store_const", const=False, default=None,
                        help="start the output layer at p(lesion) = 0.5 instead of at the weighted lesion prior "
                        "(the prior start is a departure from the paper that saves hundreds of iterations)")
@@ -156,7 +162,7 @@ def make_config(args: argparse.Namespace) -> tuple[TrainingConfig, str]:
     preset, why = choose_preset(args.preset, args.data is not None, device.type)
     given = {name: getattr(args, name) for name in (
         "method", "iterations", "batch_size", "crop", "lr", "lr_schedule", "weight_decay", "attention_weight_decay",
-        "loss_weights", "lesion_crop_fraction", "crop_centre", "augment", "prior_start", "seed", "test_fraction", "resume",
+        "loss", "loss_weights", "ema", "lesion_crop_fraction", "crop_centre", "augment", "prior_start", "seed", "test_fraction", "resume",
         "overwrite", "checkpoint_every", "val_every", "amp", "stop_at", "progress", "threads", "overlap")}
     values = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
     if args.data is None:

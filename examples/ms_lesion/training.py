@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from augment import augment, margin
@@ -34,7 +35,7 @@ from config import TrainingConfig
 from data import Case, CasePaths, check_lesion_masks, mean_lesion_fraction, sample_crop
 from figures import save_attention_figure, save_comparison
 from inference import evaluate_cases, lesion_attention
-from loss import WeightedCrossEntropy, class_weights
+from loss import class_weights, make_loss
 from model import build_model, crop_divisor, model_config, read_checkpoint, set_output_prior, training_memory_bytes
 from monitor import (
     ALIVE_EFFECT, attention_blocks, attention_state, attention_summary, log_columns, stayed_identity, watch,
@@ -74,9 +75,10 @@ class Run:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    criterion: WeightedCrossEntropy
+    criterion: nn.Module
     amp_dtype: torch.dtype | None
     meta: dict[str, Any]
+    ema: AveragedModel | None = None    # --ema: the moving average of the weights
     start: int = 0
     saved: int = 0          # the iteration of the last checkpoint written
     elapsed: float = 0.0
@@ -85,6 +87,11 @@ class Run:
     @property
     def main_process(self) -> bool:
         return self.rank == 0
+
+    @property
+    def kept(self) -> nn.Module:
+        """The weights the run saves and evaluates: the moving average with ``--ema``, else the network."""
+        return self.ema.module if self.ema is not None else self.network
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -200,10 +207,11 @@ def build_run(config: TrainingConfig, network_config: dict[str, Any], data: Trai
                                  lr=config.lr)
     dtype = amp_dtype(config.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    criterion = WeightedCrossEntropy(r, config.loss_weights, distributed=world > 1).to(device)
+    criterion = make_loss(config.loss, r, config.loss_weights, distributed=world > 1).to(device)
     meta = {"config": network_config, "training": config.record(), "r": r, "split": data.split, "files": data.files}
+    ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
     return Run(config, out, device, rank, world, data, network,
-               DistributedDataParallel(network) if world > 1 else network, optimizer, scaler, criterion, dtype, meta)
+               DistributedDataParallel(network) if world > 1 else network, optimizer, scaler, criterion, dtype, meta, ema)
 
 
 def resume_or_start(run: Run) -> None:
@@ -218,6 +226,8 @@ def resume_or_start(run: Run) -> None:
     run.network.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
     set_rng_state(state["rng"])
     run.start = run.saved = state["iteration"]
     run.elapsed = state["seconds"]
@@ -286,6 +296,8 @@ def train_step(run: Run, iteration: int) -> float:
     run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    if run.ema is not None:
+        run.ema.update_parameters(run.network)
     value = loss.detach()
     if run.world > 1:  # each process holds world * its share of the global loss
         dist.all_reduce(value)
@@ -295,7 +307,7 @@ def train_step(run: Run, iteration: int) -> float:
 
 def validate(run: Run) -> dict[str, float]:
     """Score the held-out subjects with the current weights."""
-    scores, _, _ = evaluate_cases(run.network, run.data.test_cases, run.config.crop, overlap=run.config.overlap,
+    scores, _, _ = evaluate_cases(run.kept, run.data.test_cases, run.config.crop, overlap=run.config.overlap,
                                   device=run.device, amp_dtype=run.amp_dtype)
     run.network.train()
     return scores
@@ -304,7 +316,8 @@ def validate(run: Run) -> dict[str, float]:
 def save_checkpoint(run: Run, iteration: int) -> None:
     """The resumable state, atomically, and the log so far."""
     state = {**run.meta, "model": run.network.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "scaler": run.scaler.state_dict(), "rng": rng_state(), "iteration": iteration, "seconds": run.elapsed}
+             "scaler": run.scaler.state_dict(), "rng": rng_state(), "iteration": iteration, "seconds": run.elapsed,
+             **({"ema": run.ema.state_dict()} if run.ema is not None else {})}
     save_atomically(run.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
     write_log(run.out / "log.csv", run.log)
     run.saved = iteration
@@ -407,7 +420,7 @@ def finish(run: Run) -> dict[str, Any]:
     """Write the final model, the held-out metrics, the predictions and the figures; print where."""
     config, out = run.config, run.out
     peak, peak_kind = peak_memory_mb(run.device)
-    save_atomically(out / "model.pt", lambda tmp: torch.save({**run.meta, "model": run.network.state_dict()}, tmp))
+    save_atomically(out / "model.pt", lambda tmp: torch.save({**run.meta, "model": run.kept.state_dict()}, tmp))
     write_json(out / "split.json", run.data.split)
     state = with_recent_effect(attention_state(run.network), run.log)
     result: dict[str, Any] = {"method": config.method, "iterations": config.iterations,
@@ -423,7 +436,8 @@ def finish(run: Run) -> dict[str, Any]:
     if run.data.test_cases:
         s = result["summary"]
         print(f"metrics: {out / 'metrics.json'} (held-out subjects: sample Dice {s['sample_dice']:.3f}, "
-              f"voxel Dice {s['voxel_dice']:.3f}, lesion F1 {s['voxel_lesion_f1']:.3f})")
+              f"voxel Dice {s['voxel_dice']:.3f}, lesion F1 {s['voxel_lesion_f1']:.3f}, lesion precision "
+              f"{s['voxel_lesion_precision']:.3f}, predicted/reference volume {s['voxel_volume_ratio']:.2f})")
         print(f"figure:  {out / 'figure.png'}")
     print(f"log:     {out / 'log.csv'}  ({run.elapsed:.0f} s of training)")
     return result
@@ -432,7 +446,7 @@ def finish(run: Run) -> dict[str, Any]:
 def evaluate_and_draw(run: Run) -> dict[str, float]:
     """Score the held-out subjects, write ``cases.csv``, their masks and the figures; return the summary."""
     config, out = run.config, run.out
-    scores, rows, predictions = evaluate_cases(run.network, run.data.test_cases, config.crop, overlap=config.overlap,
+    scores, rows, predictions = evaluate_cases(run.kept, run.data.test_cases, config.crop, overlap=config.overlap,
                                                device=run.device, amp_dtype=run.amp_dtype)
     run.log[-1].update({f"val_{k}": f"{scores[k]:.4f}" for k in ("sample_dice", "voxel_dice", "voxel_lesion_f1")})
     write_csv(out / "cases.csv", rows)
@@ -443,7 +457,7 @@ def evaluate_and_draw(run: Run) -> dict[str, float]:
     save_comparison(out / "figure.png", shown.image[flair], shown.label, {config.method: predictions[shown.id]},
                     title=shown.id)
     if config.attention == "rsa" and (shown.label == 1).any():
-        steps, box = lesion_attention(run.network, shown, config.crop)
+        steps, box = lesion_attention(run.kept, shown, config.crop)
         save_attention_figure(out / "attention.png", shown.image[(flair, *box)], shown.label[box], steps, title=shown.id)
     return scores
 

@@ -322,6 +322,9 @@ def test_splits_with_overlapping_or_unknown_ids_are_refused(cohort: Path, tmp_pa
     (["--stop-at", "0"], "--stop-at must be >= 1"),
     (["--attention-scale", "-2"], "--attention-scale must be a finite number in (0, inf)"),
     (["--filters", "4,x"], "--filters '4,x'"),
+    (["--loss", "dice"], "argument --loss: invalid choice: 'dice'"),
+    (["--ema", "1"], "--ema must be a finite number in [0, 1)"),
+    (["--ema", "-0.5"], "--ema must be a finite number in [0, 1)"),
 ])
 def test_user_mistakes_are_one_error_line_before_any_work(cohort: Path, tmp_path: Path, extra: list[str],
                                                           fragment: str, capsys: pytest.CaptureFixture) -> None:

@@ -1,4 +1,4 @@
-"""The exponentially weighted cross-entropy: the paper's formula, the swapped one, ignore label."""
+"""The losses: the paper's exponentially weighted cross-entropy (formula, swapped, ignore label) and Dice + CE."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import WeightedCrossEntropy, class_weights
+from loss import DiceCrossEntropy, WeightedCrossEntropy, class_weights, make_loss
 
 
 def test_literal_weights_are_the_printed_formula() -> None:
@@ -51,3 +51,33 @@ def test_bad_arguments(kwargs: dict, error: type, fragment: str) -> None:
 def test_shape_mismatch_is_explained() -> None:
     with pytest.raises(ValueError, match="do not match"):
         WeightedCrossEntropy(0.1)(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 4, 4, 5, dtype=torch.long))
+
+
+def test_dice_ce_is_the_cross_entropy_plus_one_minus_the_batch_dice_of_the_lesion_class() -> None:
+    logits = torch.randn(2, 2, 3, 4, 5, dtype=torch.float64)
+    target = torch.randint(0, 2, (2, 3, 4, 5))
+    target[1, 0, 0, :3] = 255
+    loss = DiceCrossEntropy(0.02, "none")(logits, target)
+    keep = target != 255
+    p = logits.softmax(1)[:, 1][keep]
+    t = (target == 1)[keep].double()
+    dice = (2 * (p * t).sum() + 1e-5) / (p.sum() + t.sum() + 1e-5)
+    cross_entropy = F.cross_entropy(logits, target, ignore_index=255)
+    assert loss.item() == pytest.approx((cross_entropy + 1 - dice).item(), rel=1e-6)
+
+
+def test_dice_ce_is_near_zero_for_a_confident_right_answer_and_has_gradients() -> None:
+    target = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    target[0, 1:3, 1:3, 1:3] = 1
+    logits = torch.stack([(1 - target) * 20.0 - 10, target * 20.0 - 10], 1).float().requires_grad_()
+    loss = DiceCrossEntropy(0.1, "swapped")(logits, target)
+    assert loss.item() < 1e-3
+    (-loss).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_make_loss_names_its_choices() -> None:
+    assert isinstance(make_loss("ce", 0.1, "swapped"), WeightedCrossEntropy)
+    assert isinstance(make_loss("dice-ce", 0.1, "none"), DiceCrossEntropy)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        make_loss("dice", 0.1, "none")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference import gaussian_weight, sliding_window_probabilities, tile_starts
+from inference import gaussian_weight, segment, sliding_window_probabilities, tile_starts
 from metrics import case_counts, case_scores, scores, summarise
 
 
@@ -33,6 +33,7 @@ def test_dice_iou_and_lesion_scores_by_hand() -> None:
     assert s["lesion_f1"] == pytest.approx(1 / 2)
     assert s["avd_ml"] == pytest.approx(abs(4 - 5) * 2.0 / 1000)
     assert s["avd_percent"] == pytest.approx(20.0)
+    assert s["volume_ratio"] == pytest.approx(4 / 5)  # predicted / reference volume: under-segmented
 
 
 def test_diagonal_neighbours_are_one_lesion_26_connectivity() -> None:
@@ -54,7 +55,7 @@ def test_empty_reference_rule() -> None:
     some[0, 0, 0] = 1
     both_empty = case_scores(empty, empty)
     assert both_empty["dice"] == both_empty["iou"] == both_empty["lesion_f1"] == 1.0
-    assert math.isnan(both_empty["avd_percent"])
+    assert math.isnan(both_empty["avd_percent"]) and math.isnan(both_empty["volume_ratio"])
     false_alarm = case_scores(some, empty)
     assert false_alarm["dice"] == false_alarm["lesion_tpr"] == false_alarm["lesion_precision"] == 0.0
     missed = case_scores(empty, some)
@@ -108,3 +109,13 @@ def test_sliding_window_equals_whole_volume_for_a_voxelwise_model(shape: tuple[i
 def test_bad_overlap_is_explained() -> None:
     with pytest.raises(ValueError, match="overlap must be in"):
         sliding_window_probabilities(_Identity(), torch.zeros(1, 4, 4, 4), (4, 4, 4), overlap=1.0)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])
+def test_segment_masks_the_voxels_above_the_threshold(threshold: float) -> None:
+    image = np.random.default_rng(0).normal(size=(1, 6, 10, 12)).astype(np.float32)
+    probability, mask = segment(_Identity(), image, (4, 8, 8), threshold=threshold)
+    expected = 1 / (1 + np.exp(2 * image[0]))  # class 1 of softmax([x, -x])
+    np.testing.assert_allclose(probability, expected, rtol=1e-5, atol=1e-6)
+    assert 0 < mask.sum() < mask.size
+    assert np.array_equal(mask, (probability > threshold).astype(np.uint8))

@@ -1,5 +1,6 @@
 """End to end on a tiny synthetic cohort: model, train, resume, evaluate, predict, figure."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -84,9 +85,10 @@ def test_training_writes_the_run_folder(rsa_run: Path) -> None:
     assert meta["training"]["crop"] == [16, 32, 32] and isinstance(model.bottom_attention, RecurrentSliceAttention3d)
 
 
-def test_resume_equals_uninterrupted(cohort: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--ema", "0.5", "--loss", "dice-ce"]], ids=["final", "ema-dice-ce"])
+def test_resume_equals_uninterrupted(cohort: Path, tmp_path: Path, extra: list[str]) -> None:
     common = ["--data", str(cohort), "--method", "ncl-101", "--iterations", "4", "--val-every", "0",
-              "--checkpoint-every", "10", *TINY]
+              "--checkpoint-every", "10", *TINY, *extra]
     train.main([*common, "--out", str(tmp_path / "whole")])
     train.main([*common, "--out", str(tmp_path / "killed"), "--stop-at", "2"])
     assert not (tmp_path / "killed" / "model.pt").exists()
@@ -96,6 +98,9 @@ def test_resume_equals_uninterrupted(cohort: Path, tmp_path: Path) -> None:
     resumed = torch.load(tmp_path / "killed" / "model.pt", weights_only=False)["model"]
     for name, value in whole.items():
         assert torch.equal(value, resumed[name]), name
+    if extra:  # model.pt holds the moving average, the checkpoint the last weights
+        last = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
+        assert not all(torch.equal(value, last[name]) for name, value in whole.items())
     losses = [line.split(",")[1] for line in (tmp_path / "whole" / "log.csv").read_text().splitlines()]
     assert losses == [line.split(",")[1] for line in (tmp_path / "killed" / "log.csv").read_text().splitlines()]
 
@@ -107,6 +112,12 @@ def test_evaluate_cli(rsa_run: Path, cohort: Path, tmp_path: Path) -> None:
     expected = json.loads((rsa_run / "metrics.json").read_text())["summary"]
     assert summary["cases"] == 2
     assert summary["voxel_dice"] == pytest.approx(expected["voxel_dice"])
+    high = tmp_path / "high"
+    assert evaluate.main(["--checkpoint", str(rsa_run / "model.pt"), "--data", str(cohort), "--threshold", "0.9",
+                          "--split", str(rsa_run / "split.json"), "--out", str(high)]) == 0
+    rows = {row["id"]: row for row in csv.DictReader((tmp_path / "cases.csv").open())}
+    for row in csv.DictReader((high / "cases.csv").open()):  # a higher threshold never predicts more
+        assert int(row["predicted_voxels"]) <= int(rows[row["id"]]["predicted_voxels"])
 
 
 def test_predict_writes_masks_in_the_original_geometry(rsa_run: Path, cohort: Path, tmp_path: Path,
