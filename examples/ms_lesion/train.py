@@ -162,8 +162,9 @@ def make_config(args: argparse.Namespace) -> tuple[TrainingConfig, str]:
     preset, why = choose_preset(args.preset, args.data is not None, device.type)
     given = {name: getattr(args, name) for name in (
         "method", "iterations", "batch_size", "crop", "lr", "lr_schedule", "weight_decay", "attention_weight_decay",
-        "loss", "loss_weights", "ema", "lesion_crop_fraction", "crop_centre", "augment", "prior_start", "seed", "test_fraction", "resume",
-        "overwrite", "checkpoint_every", "val_every", "amp", "stop_at", "progress", "threads", "overlap")}
+        "loss", "loss_weights", "ema", "lesion_crop_fraction", "crop_centre", "augment", "prior_start", "seed",
+        "test_fraction", "resume", "overwrite", "checkpoint_every", "val_every", "amp", "stop_at", "progress", "threads",
+        "overlap")}
     values = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
     if args.data is None:
         from synthetic import default_cache_dir  # only the demo needs the generator

@@ -21,7 +21,7 @@ import train
 import training
 from config import PRESETS, TrainingConfig
 from data import DataOptions
-from inference import segment, sliding_window_probabilities
+from inference import DEFAULT_THRESHOLD, segment, sliding_window_probabilities
 from lesions import label_lesions, lesion_table, remove_small_lesions, voxel_volume_mm3
 from metrics import CONNECTIVITY_26
 from model import FILTER_PRESETS
@@ -61,7 +61,8 @@ def run_predict_case(tmp_path: Path, **options) -> tuple[dict, Path]:
     write_subject(tmp_path / "data" / "s1", AFFINE)
     data = DataOptions(normalisation="foreground")
     (paths,) = data.find(tmp_path / "data", require_mask=False)
-    args = argparse.Namespace(overlap=0.5, tta=False, min_lesion_size=0.0, probabilities=True, label_lesions=True)
+    args = argparse.Namespace(overlap=0.5, tta=False, threshold=DEFAULT_THRESHOLD, min_lesion_size=0.0,
+                              probabilities=True, label_lesions=True)
     vars(args).update(options)
     out = tmp_path / "out"
     row = predict.predict_case(FlairThreshold(), paths, out, (16, 16, 16), data, args, torch.device("cpu"))
