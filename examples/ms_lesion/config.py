@@ -32,7 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"iterations": 800, "batch_size": 4, "crop": (32, 128, 128), "filters": "paper",
               "lesion_crop_fraction": 0.0, "val_every": 200, "lr_schedule": "constant", "augment": "none"},
     "cpu": {"iterations": 300, "batch_size": 2, "crop": (64, 64, 64), "filters": "half",
-            "lesion_crop_fraction": 0.5, "val_every": 0, "lr_schedule": "poly", "augment": "none"},
+            "lesion_crop_fraction": 0.5, "val_every": 0, "lr_schedule": "poly", "augment": "light"},
     "demo": {"iterations": 150, "batch_size": 2, "crop": (32, 64, 64), "filters": "tiny",
              "lesion_crop_fraction": 0.5, "val_every": 75, "lr_schedule": "constant", "augment": "light"},
 }

@@ -18,8 +18,9 @@ from metrics import CONNECTIVITY_26
 LESION_FIELDS: tuple[str, ...] = ("label", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
                                   "max_probability")
 REPORT_FIELDS: tuple[str, ...] = ("id", "lesions", "volume_ml", "largest_ml", "mean_probability")
-# The default of --min-lesion-size, chosen by measurement (docs/ms_lesion_training.md, "Prediction options").
-DEFAULT_MIN_LESION_MM3 = 0.0
+# The default of --min-lesion-size, chosen by measurement (docs/ms_lesion_training.md, "Prediction outputs and
+# options"): 3 mm^3 keeps Dice and raises lesion precision, on the cpu preset's synthetic confirmation runs.
+DEFAULT_MIN_LESION_MM3 = 3.0
 
 
 def voxel_volume_mm3(affine: np.ndarray) -> float:
