@@ -11,7 +11,7 @@ fraction of the training subjects (RSANet, MICCAI 2019) in every preset; --prese
 
   preset  iterations  batch  crop          filters   lesion crops  lr schedule  augment  s/iteration (2 CPU cores)
   paper   800         4      32 128 128    32..512   0             constant     none     about 40 (a GPU preset)
-  cpu     300         2      64 64 64      16..256   0.5           poly         light    0.82 (about 4 min)
+  cpu     300         2      64 64 64      16..256   0.5           poly         light    0.9 (about 4.5 min)
   demo    150         2      32 64 64      4..64     0.5           constant     light    0.26
 
 Default: demo without --data (the synthetic demo cohort is generated and cached); with --data, paper
