@@ -13,17 +13,19 @@ from synthetic import make_cohort
 TRAIN = Path(__file__).resolve().parents[2] / "examples" / "ms_lesion" / "train.py"
 
 
-def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss", ["ce", "dice-ce"])
+def test_two_process_ddp_matches_one_process(loss: str, tmp_path: Path) -> None:
     cohort = make_cohort(tmp_path / "cohort", subjects=2, preset="small", seed=0, montage=False)
-    # The default weighted loss: its weighted mean's denominator is summed over both processes, so
-    # DDP's gradient average equals the single-process gradient (up to rounding). Dividing by each
-    # process's own weight sum instead moved the weights by 6e-3 after 6 steps. The RSA logits are
+    # The weighted loss: its weighted mean's denominator is summed over both processes, so DDP's
+    # gradient average equals the single-process gradient (up to rounding). Dividing by each
+    # process's own weight sum instead moved the weights by 6e-3 after 6 steps. dice-ce: the batch
+    # Dice's sums run over both processes' crops (a differentiable all-reduce). The RSA logits are
     # scaled ("auto"): unscaled, the softmax is nearly one-hot and a rounding difference can flip it
     # (1.5e-3 apart after 6 steps, with or without DDP's reduction order).
     args = ["--data", str(cohort), "--method", "rsa-010", "--filters", "tiny", "--crop", "16", "32", "32",
             "--batch-size", "2", "--iterations", "6", "--test-fraction", "0", "--lesion-crop-fraction", "0.5",
             "--val-every", "0", "--no-progress", "--device", "cpu", "--lr-schedule", "constant",
-            "--attention-scale", "auto"]
+            "--attention-scale", "auto", "--loss", loss]
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TRAIN),
          *args, "--out", str(tmp_path / "ddp")],
