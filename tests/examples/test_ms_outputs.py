@@ -3,7 +3,6 @@ component filter, mirroring TTA, the foreground crop, and the training presets a
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import os
@@ -21,7 +20,7 @@ import train
 import training
 from config import PRESETS, TrainingConfig
 from data import DataOptions
-from inference import DEFAULT_THRESHOLD, segment, sliding_window_probabilities
+from inference import segment, sliding_window_probabilities
 from lesions import label_lesions, lesion_table, remove_small_lesions, voxel_volume_mm3
 from metrics import CONNECTIVITY_26
 from model import FILTER_PRESETS
@@ -61,10 +60,11 @@ def run_predict_case(tmp_path: Path, **options) -> tuple[dict, Path]:
     write_subject(tmp_path / "data" / "s1", AFFINE)
     data = DataOptions(normalisation="foreground")
     (paths,) = data.find(tmp_path / "data", require_mask=False)
-    args = argparse.Namespace(overlap=0.5, tta=False, threshold=DEFAULT_THRESHOLD, min_lesion_size=0.0,
-                              probabilities=True, label_lesions=True)
-    vars(args).update(options)
     out = tmp_path / "out"
+    # predict's own parser, so that every option predict_case reads has its real default
+    args = predict.build_parser().parse_args(["--checkpoint", "model.pt", "--data", str(tmp_path / "data"), "--out",
+                                              str(out), "--probabilities", "--label-lesions", "--min-lesion-size", "0"])
+    vars(args).update(options)
     row = predict.predict_case(FlairThreshold(), paths, out, (16, 16, 16), data, args, torch.device("cpu"))
     return row, out
 
