@@ -25,8 +25,8 @@ pytest.importorskip("batchgeneratorsv2", reason="the example's extra is not inst
 if str(EXAMPLE) not in sys.path:
     sys.path.insert(0, str(EXAMPLE))
 
-from augment import augment, margin  # noqa: E402
-from model import build_model  # noqa: E402
+from mslesion.data.augment import augment, margin  # noqa: E402
+from mslesion.model.unet import build_model  # noqa: E402
 
 CROP = (32, 64, 64)
 BATCH = 2

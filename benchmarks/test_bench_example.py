@@ -40,8 +40,8 @@ pytest.importorskip("scipy", reason="the example's extra is not installed: pip i
 if str(EXAMPLE) not in sys.path:
     sys.path.insert(0, str(EXAMPLE))
 
-from inference import segment, sliding_window_probabilities  # noqa: E402
-from model import build_model  # noqa: E402
+from mslesion.inference.sliding_window import segment, sliding_window_probabilities  # noqa: E402
+from mslesion.model.unet import build_model  # noqa: E402
 
 TILE = (64, 64, 64)
 #: every case here is long: the quick mode (the default) leaves them out
@@ -50,7 +50,7 @@ pytestmark = pytest.mark.skipif(not FULL, reason="a long whole-scan or fresh-pro
 
 @pytest.fixture(scope="module")
 def scan() -> np.ndarray:
-    from synthetic import generate_case
+    from mslesion.synthetic.cohort import generate_case
 
     case = generate_case(0, preset="mni", seed=0)
     image = np.stack([case.images[m].astype(np.float32) for m in ("t1", "t2", "flair")])
@@ -98,7 +98,7 @@ def test_whole_scan_prediction(benchmark, scan: np.ndarray, network: torch.nn.Mo
 def test_whole_scan_prediction_onnx(benchmark, scan: np.ndarray, network: torch.nn.Module) -> None:
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
     pytest.importorskip("onnxscript", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
-    from onnx_engine import onnx_network
+    from mslesion.inference.onnx_engine import onnx_network
 
     engine = onnx_network(network, TILE)
     start = time.perf_counter()
@@ -116,8 +116,8 @@ def test_whole_scan_prediction_onnx(benchmark, scan: np.ndarray, network: torch.
 STEP = """
 import sys, time, torch
 sys.path.insert(0, sys.argv[1])
-from runtime import tune_allocator
-from model import build_model
+from mslesion.training.runtime import tune_allocator
+from mslesion.model.unet import build_model
 if sys.argv[2] == "tuned":
     assert tune_allocator()
 torch.manual_seed(0)

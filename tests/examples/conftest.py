@@ -42,6 +42,6 @@ def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector):
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-subject synthetic cohort at the ``small`` preset, shared by the example's tests (read-only)."""
-    from synthetic import make_cohort
+    from mslesion.synthetic.cohort import make_cohort
 
     return make_cohort(tmp_path_factory.mktemp("cohort"), subjects=4, preset="small", seed=0, montage=False)

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("batchgeneratorsv2", reason="augmentation needs batchgeneratorsv2 (the examples extra)")
 
-from augment import AUGMENTATIONS, Augmentation, BiasFieldTransform, augment, augmentation, margin  # noqa: E402
-from data import IGNORE_LABEL  # noqa: E402
+from mslesion.data.augment import AUGMENTATIONS, Augmentation, BiasFieldTransform, augment, augmentation, margin  # noqa: E402
+from mslesion.data.reading import IGNORE_LABEL  # noqa: E402
 
 CROP = (12, 16, 16)
 #: rotation, scaling and elastic deformation on every crop, nothing else

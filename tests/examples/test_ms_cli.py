@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
-import experiment
-import make_cohort as make_cohort_cli
-import predict
-import train
-from data import default_roles, find_cases
-from synthetic import make_cohort
+from mslesion import evaluate
+from mslesion import experiment
+from mslesion import make_cohort as make_cohort_cli
+from mslesion import predict
+from mslesion import train
+from mslesion.data.reading import default_roles, find_cases
+from mslesion.synthetic.cohort import make_cohort
 from cli_checks import one_error_line
 
-EXAMPLE = Path(train.__file__).resolve().parent
+EXAMPLE = Path(train.__file__).resolve().parents[1]  # the folder a user copies
 TINY = ["--preset", "demo", "--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2", "--no-progress",
         "--val-every", "0", "--lesion-crop-fraction", "0.5"]
 # A real-world naming of the synthetic cohort's files (t1, t2, flair, mask, brain_mask), one per subject.
@@ -372,16 +372,27 @@ def test_make_cohort_cli_error_is_one_line(tmp_path: Path, capsys: pytest.Captur
 # ------------------------------------------------------------------------------------------------ layout
 
 
+def _imports(tree: ast.AST) -> set[str]:
+    """Every module name a file imports (``from .x import y`` as ``.x``)."""
+    found = {"." * node.level + (node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    return found | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+
+
 def test_scripts_are_thin_and_never_import_each_other() -> None:
     scripts = {"train", "evaluate", "predict", "experiment", "make_cohort"}
-    for path in EXAMPLE.glob("*.py"):
+    assert {path.stem for path in EXAMPLE.glob("*.py")} == scripts
+    for path in EXAMPLE.glob("*.py"):  # each script is a main over its module of the package
+        assert _imports(ast.parse(path.read_text())) == {"sys", f"mslesion.{path.stem}"}, path.name
+    package = EXAMPLE / "mslesion"
+    for path in package.rglob("*.py"):
         tree = ast.parse(path.read_text())
-        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        assert not imported & scripts, (path.name, imported & scripts)
+        imported = _imports(tree)
+        # inside the package only relative imports of its own modules; a command module is never imported
+        assert not {name.lstrip(".").split(".")[-1] for name in imported if name.startswith(".")} & scripts, path
+        assert not any(name.startswith("mslesion") or name in scripts for name in imported), (path, imported)
         defined = [node for node in tree.body if isinstance(node, ast.Assign)
                    and any(getattr(t, "id", None) == "IGNORE_LABEL" for t in node.targets)]
-        assert not defined or path.name == "data.py", path.name
+        assert not defined or path.relative_to(package).as_posix() == "data/reading.py", path
         for node in ast.walk(tree):  # every function reads as named steps: none over 50 lines of code
             if isinstance(node, ast.FunctionDef):
                 body = node.body[1:] if ast.get_docstring(node) and len(node.body) > 1 else node.body

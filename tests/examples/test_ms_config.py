@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
-import predict
-import train
-import training
-from config import RUN_FIELDS, TrainingConfig
-from data import DataOptions
-from monitor import ALIVE_EFFECT
-from run import UsageError, read_split
-from synthetic import make_cohort
+from mslesion import evaluate
+from mslesion import predict
+from mslesion import train
+from mslesion.training import loop as training
+from mslesion.config import RUN_FIELDS, TrainingConfig
+from mslesion.data.reading import DataOptions
+from mslesion.training.monitor import ALIVE_EFFECT
+from mslesion.run import UsageError, read_split
+from mslesion.synthetic.cohort import make_cohort
 from cli_checks import one_error_line
 
 TINY = ["--preset", "demo", "--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2", "--no-progress",
@@ -226,7 +226,7 @@ def test_data_options_refuse_unknown_and_repeated_modalities() -> None:
 
 
 def test_batches_without_augmentation_are_todays_crops_and_augmented_ones_keep_the_shape(cohort: Path) -> None:
-    from data import sample_crop
+    from mslesion.data.sampling import sample_crop
 
     config = config_of(["--data", str(cohort), "--out", "x", *TINY, "--augment", "none"])
     cases = [DataOptions().load(p) for p in DataOptions().find(cohort)]
@@ -248,7 +248,7 @@ def test_batches_without_augmentation_are_todays_crops_and_augmented_ones_keep_t
 
 
 def test_liveness_averages_the_effect_over_the_last_tenth_of_the_log() -> None:
-    from monitor import stayed_identity, with_recent_effect
+    from mslesion.training.monitor import stayed_identity, with_recent_effect
 
     state = {"bottom_attention": {"alpha_axial": 3e-3, "effect": 8e-4}}  # one noisy last batch
     log = [{"bottom_attention.effect": str(e)} for e in [0.0] * 90 + [2e-3] * 9 + [8e-4]]

@@ -9,16 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data import (
-    Case,
-    CasePaths,
-    DataError,
-    find_cases,
-    load_case,
-    load_dataset,
-    mean_lesion_fraction,
-    sample_crop,
-)
+from mslesion.data.sampling import mean_lesion_fraction, sample_crop
+from mslesion.data.reading import Case, CasePaths, DataError, find_cases, load_case, load_dataset
 
 # RAS volume (x, y, z) with 1 x 1 x 3 mm voxels: axial acquisition, model layout (z, y, x).
 SHAPE = (12, 10, 6)

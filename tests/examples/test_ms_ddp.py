@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
-from synthetic import make_cohort
+from mslesion import train
+from mslesion.synthetic.cohort import make_cohort
 
 TRAIN = Path(__file__).resolve().parents[2] / "examples" / "ms_lesion" / "train.py"
 

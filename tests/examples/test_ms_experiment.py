@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-import experiment
-import experiment_report
-from config import TrainingConfig
-from data import DataOptions
-from model import model_config
-from run import UsageError, random_split, write_json
+from mslesion import experiment
+from mslesion.evaluation import report as experiment_report
+from mslesion.config import TrainingConfig
+from mslesion.data.reading import DataOptions
+from mslesion.model.unet import model_config
+from mslesion.run import UsageError, random_split, write_json
 from sliceattn import cost
 from cli_checks import one_error_line
 

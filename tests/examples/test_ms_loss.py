@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import DiceCrossEntropy, WeightedCrossEntropy, class_weights, make_loss
+from mslesion.model.loss import DiceCrossEntropy, WeightedCrossEntropy, class_weights, make_loss
 
 
 def test_literal_weights_are_the_printed_formula() -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from inference import gaussian_weight, segment, sliding_window_probabilities, tile_starts
-from metrics import case_counts, case_scores, scores, summarise
+from mslesion.inference.sliding_window import gaussian_weight, segment, sliding_window_probabilities, tile_starts
+from mslesion.evaluation.metrics import case_counts, case_scores, scores, summarise
 
 
 def _volume() -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import UNet3d, build_model, crop_divisor, model_config, parse_method, training_memory_bytes
+from mslesion.model.unet import UNet3d, build_model, crop_divisor, model_config, parse_method, training_memory_bytes
 from sliceattn import NonLocal3d
 
 

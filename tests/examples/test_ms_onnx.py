@@ -16,9 +16,9 @@ pytest.importorskip("onnx", reason="ONNX tests need the onnx extra: pip install 
 pytest.importorskip("onnxruntime", reason="ONNX tests need the onnx extra: pip install 'sliceattn[onnx]'")
 pytest.importorskip("onnxscript", reason="torch.onnx.export's default exporter needs onnxscript: pip install 'sliceattn[onnx]'")
 
-from inference import segment  # noqa: E402
-from model import build_model, model_config  # noqa: E402
-from onnx_engine import OnnxNetwork, export_network, onnx_network  # noqa: E402
+from mslesion.inference.sliding_window import segment  # noqa: E402
+from mslesion.model.unet import build_model, model_config  # noqa: E402
+from mslesion.inference.onnx_engine import OnnxNetwork, export_network, onnx_network  # noqa: E402
 
 from sliceattn import NonLocal3d, RecurrentSliceAttention3d  # noqa: E402
 
@@ -87,8 +87,8 @@ def test_predict_engine_onnx_writes_what_torch_writes(cohort: Path, tmp_path: Pa
                                                       capsys: pytest.CaptureFixture) -> None:
     import nibabel as nib
 
-    import predict
-    import train
+    from mslesion import predict
+    from mslesion import train
 
     run = tmp_path / "run"
     assert train.main(["--data", str(cohort), "--iterations", "2", "--test-fraction", "0.5", "--out", str(run),

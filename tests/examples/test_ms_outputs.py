@@ -14,16 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-import predict
-import runtime
-import train
-import training
-from config import PRESETS, TrainingConfig
-from data import DataOptions
-from inference import segment, sliding_window_probabilities
-from lesions import label_lesions, lesion_table, remove_small_lesions, voxel_volume_mm3
-from metrics import CONNECTIVITY_26
-from model import FILTER_PRESETS
+from mslesion import predict
+from mslesion.training import runtime
+from mslesion import train
+from mslesion.training import loop as training
+from mslesion.config import PRESETS, TrainingConfig
+from mslesion.data.reading import DataOptions
+from mslesion.inference.sliding_window import segment, sliding_window_probabilities
+from mslesion.inference.lesions import label_lesions, lesion_table, remove_small_lesions, voxel_volume_mm3
+from mslesion.evaluation.metrics import CONNECTIVITY_26
+from mslesion.model.unet import FILTER_PRESETS
 from scipy import ndimage
 
 
@@ -146,10 +146,10 @@ def test_mirroring_tta_and_the_foreground_crop() -> None:
 
 
 def test_attention_figure_reads_the_rsa_maps_around_the_largest_lesion(tmp_path: Path) -> None:
-    from data import Case
-    from figures import save_attention_figure
-    from inference import lesion_attention
-    from model import build_model
+    from mslesion.data.reading import Case
+    from mslesion.evaluation.figures import save_attention_figure
+    from mslesion.inference.sliding_window import lesion_attention
+    from mslesion.model.unet import build_model
     from sliceattn import RecurrentSliceAttention3d
 
     rng = np.random.default_rng(0)
@@ -210,7 +210,7 @@ def test_default_preset_follows_data_and_device(tmp_path: Path, capsys: pytest.C
 def test_attention_blocks_are_not_decayed_to_nothing_while_they_are_the_identity(attention_decay: float,
                                                                                  survives: bool) -> None:
     # While alpha = 0 the projections get no gradient; Adam's L2 decay alone then moves them by ~lr per step.
-    from model import build_model
+    from mslesion.model.unet import build_model
 
     torch.manual_seed(0)
     network = build_model("rsa-010", filters="tiny")
@@ -264,7 +264,7 @@ def test_allocator_tuning_applies_on_glibc_and_respects_the_environment(monkeypa
 
 @pytest.mark.slow
 def test_mni_preset_is_the_1mm_grid_and_skull_stripped() -> None:
-    from synthetic import generate_case
+    from mslesion.synthetic.cohort import generate_case
 
     case = generate_case(0, preset="mni", seed=0)
     assert case.label.shape == (182, 218, 182) and case.spacing == (1.0, 1.0, 1.0)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
-import predict
-import train
-from model import METHODS, build_model, load_trained
-from run import UsageError
+from mslesion import evaluate
+from mslesion import predict
+from mslesion import train
+from mslesion.model.unet import METHODS, build_model, load_trained
+from mslesion.run import UsageError
 from sliceattn import NonLocal3d, RecurrentSliceAttention3d
 
 TINY = ["--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2", "--test-fraction", "0.5",
@@ -147,7 +147,7 @@ def test_every_method_name_builds() -> None:
 
 
 def test_experiment_table_has_table1_columns_and_mean_std() -> None:
-    import experiment_report
+    from mslesion.evaluation import report as experiment_report
 
     def run(dice: float) -> dict:
         summary = {"sample_dice": dice, "voxel_dice": dice, "sample_iou": dice / 2, "voxel_iou": dice / 2,
@@ -161,7 +161,7 @@ def test_experiment_table_has_table1_columns_and_mean_std() -> None:
 
 
 def test_experiment_splits_are_saved_and_reused(cohort: Path, tmp_path: Path) -> None:
-    import experiment
+    from mslesion import experiment
 
     ids = [f"sub-00{i}" for i in range(1, 5)]
     first = experiment.make_splits(ids, 2, 0.5, tmp_path)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import stats
+from mslesion.evaluation import stats
 
 # Student's t quantile t(0.975, 3), from a printed table (3.182), to more digits.
 T_975_3 = 3.182446305284263

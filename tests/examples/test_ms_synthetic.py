@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-import make_cohort as cli
-from data import load_dataset, mean_lesion_fraction
-from synthetic import CATEGORIES, MIMICS, MODALITIES, PRESETS, draw_appearance, generate_case, make_cohort
+from mslesion import make_cohort as cli
+from mslesion.data.sampling import mean_lesion_fraction
+from mslesion.data.reading import load_dataset
+from mslesion.synthetic.cohort import CATEGORIES, COHORT_PRESETS as PRESETS, MIMICS, MODALITIES, draw_appearance, generate_case, make_cohort
 
 SMALL = PRESETS["small"]
 

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from config import recorded_config
-from data import DataOptions
-from figures import save_paired_differences
-from model import build_model, read_checkpoint
-from run import save_atomically, write_json
-from stats import BASELINE, PairedComparison, compare_paired, format_interval, format_p
+from ..config import recorded_config
+from ..data.reading import DataOptions
+from .figures import save_paired_differences
+from ..model.unet import build_model, read_checkpoint
+from ..run import save_atomically, write_json
+from .stats import BASELINE, PairedComparison, compare_paired, format_interval, format_p
 
 COLUMNS = (("sample_dice", "Sample-avg Dice"), ("voxel_dice", "Voxel-avg Dice"), ("sample_iou", "Sample-avg IoU"),
            ("voxel_iou", "Voxel-avg IoU"), ("voxel_lesion_f1", "Lesion F1"))

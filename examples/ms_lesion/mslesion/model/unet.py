@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from run import UsageError
+from ..run import UsageError
 from sliceattn import ATTENTION_BLOCKS, build_attention
 
 METHODS: tuple[str, ...] = ("unet", "rsa-010", "rsa-101", "rsa-111", "ncl-010", "ncl-101", "ncl-111")

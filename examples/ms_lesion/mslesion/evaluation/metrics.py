@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from data import IGNORE_LABEL
+from ..data.reading import IGNORE_LABEL
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 
@@ -156,8 +156,3 @@ def summarise(per_case: Sequence[CaseCounts]) -> dict[str, float]:
     summary.update({f"voxel_{k}": v for k, v in scores(per_case).items()})
     summary["cases"] = len(per_case)
     return summary
-
-
-def counts_to_dict(counts: CaseCounts) -> dict[str, float]:
-    """A JSON-able copy of the counts."""
-    return asdict(counts)

@@ -1,6 +1,6 @@
 """Run the example's network in onnxruntime: export it once, then call it like the torch network.
 
-    from onnx_engine import onnx_network
+    from mslesion.inference.onnx_engine import onnx_network
     network = onnx_network(model, tile)                    # model: a UNet3d in eval mode
     probability, mask = segment(network, image, tile)      # the same call as with the torch model
 

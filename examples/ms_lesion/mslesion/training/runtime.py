@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from run import UsageError
+from ..run import UsageError
 
 AMP_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "none")
 

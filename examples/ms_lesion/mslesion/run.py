@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from data import read_json
+from .data.reading import read_json
 from sliceattn.io import save_atomically  # the scripts import it from here
 
 RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "model.pt", "log.csv", "split.json", "metrics.json", "cases.csv",

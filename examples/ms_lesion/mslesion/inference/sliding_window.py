@@ -19,9 +19,9 @@ import torch
 from scipy import ndimage
 from torch import Tensor, nn
 
-from data import Case
-from lesions import DEFAULT_MIN_LESION_MM3, remove_small_lesions
-from metrics import CONNECTIVITY_26, case_counts, scores, summarise
+from ..data.reading import Case
+from .lesions import DEFAULT_MIN_LESION_MM3, remove_small_lesions
+from ..evaluation.metrics import CONNECTIVITY_26, case_counts, scores, summarise
 from sliceattn import RecurrentSliceAttention3d
 
 # The tile overlap of every script's --overlap and of the functions below.

@@ -30,22 +30,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from augment import augment, margin
-from config import TrainingConfig
-from data import Case, CasePaths, check_lesion_masks, mean_lesion_fraction, sample_crop
-from figures import save_attention_figure, save_comparison
-from inference import evaluate_cases, lesion_attention
-from loss import class_weights, make_loss
-from model import build_model, crop_divisor, model_config, read_checkpoint, set_output_prior, training_memory_bytes
-from monitor import (
+from ..data.augment import augment, margin
+from ..config import TrainingConfig
+from ..data.sampling import mean_lesion_fraction, sample_crop
+from ..data.reading import Case, CasePaths, check_lesion_masks
+from ..evaluation.figures import save_attention_figure, save_comparison
+from ..inference.sliding_window import evaluate_cases, lesion_attention
+from ..model.loss import class_weights, make_loss
+from ..model.unet import build_model, crop_divisor, model_config, read_checkpoint, set_output_prior, training_memory_bytes
+from .monitor import (
     ALIVE_EFFECT, attention_blocks, attention_state, attention_summary, log_columns, stayed_identity, watch,
     with_recent_effect,
 )
-from run import (
+from ..run import (
     UsageError, changed_files, check_split, file_digest, random_split, read_split, remove_run, run_files,
     save_atomically, write_csv, write_json,
 )
-from runtime import amp_dtype, configure_runtime, peak_memory_mb
+from .runtime import amp_dtype, configure_runtime, peak_memory_mb
 
 DEMO_SUBJECTS = 12
 LOG_FIELDS = ("iteration", "loss", "seconds", "val_sample_dice", "val_voxel_dice", "val_voxel_lesion_f1")
@@ -138,7 +139,7 @@ def check_crop(network_config: dict[str, Any], crop: Sequence[int], batch_size: 
 def make_demo_cohort(config: TrainingConfig, main_process: bool) -> None:
     """Generate the synthetic demo cohort in ``config.data`` on first use (rank 0; the others wait)."""
     if main_process:
-        from synthetic import make_cohort  # only the demo needs the generator
+        from ..synthetic.cohort import make_cohort  # only the demo needs the generator
 
         print(f"no --data: generating/using the synthetic demo cohort ({DEMO_SUBJECTS} subjects) in {config.data}")
         make_cohort(config.data, subjects=DEMO_SUBJECTS, preset="demo", seed=0, montage=False)

@@ -4,6 +4,7 @@
 the FLAIR slice in grey with a mask over it: red for lesion voxels that agree with the reference (or
 the reference itself), yellow for false positives, blue for missed voxels.
 ``save_attention_figure``: where the RSA block's three steps look from one lesion.
+``save_montage``: a subject's modalities with the lesion outline (the synthetic cohort's montage).
 ``save_paired_differences``: each method's per-split difference from the baseline, with the mean and
 its interval (``stats.py``).
 """
@@ -19,10 +20,11 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from inference import StepAttention  # noqa: E402
-from metrics import case_scores  # noqa: E402
-from run import save_atomically  # noqa: E402
-from stats import PairedComparison  # noqa: E402
+from ..inference.sliding_window import StepAttention  # noqa: E402
+from .metrics import case_scores  # noqa: E402
+from ..run import save_atomically  # noqa: E402
+from .stats import PairedComparison  # noqa: E402
+from ..data.reading import Case  # noqa: E402
 
 AGREE, FALSE_POSITIVE, MISSED = (1.0, 0.1, 0.1), (1.0, 0.9, 0.1), (0.2, 0.5, 1.0)
 
@@ -202,3 +204,46 @@ def save_paired_differences(
     save_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
     plt.close(figure)
     return Path(path)
+
+
+def save_montage(case: Case, path: str | Path, *, slices: int = 4, dpi: int = 110) -> Path:
+    """Save a PNG: one row per modality, ``slices`` axial slices with the most lesion plus one coronal
+    slice, lesion outline in red.
+
+    Args:
+        case: a ``Case`` (image ``(M, D, H, W)``, label ``(D, H, W)``, spacing).
+        path: output PNG.
+        slices: number of axial slices.
+        dpi: resolution of the PNG.
+    """
+    label = case.label if case.label is not None else np.zeros(case.image.shape[1:], np.uint8)
+    per_slice = (label == 1).sum((1, 2))
+    chosen: list[int] = []
+    for d in np.argsort(-per_slice, kind="stable"):  # most lesion first, at least 2 slices apart
+        if all(abs(int(d) - c) >= 2 for c in chosen):
+            chosen.append(int(d))
+        if len(chosen) == slices:
+            break
+    chosen.sort()
+    coronal = int(np.argmax((label == 1).sum((0, 2)))) if label.any() else label.shape[1] // 2
+    sz, sy, sx = case.spacing
+    rows = case.image.shape[0]
+    fig, axes = plt.subplots(rows, len(chosen) + 1, figsize=(2.4 * (len(chosen) + 1), 2.6 * rows), squeeze=False)
+    for m in range(rows):
+        inside = case.image[m][case.brain_mask]
+        low, high = np.percentile(inside, [0.5, 99.5]) if inside.size else (-3, 3)
+        views = [(case.image[m, d], label[d], sy / sx, f"axial {d}") for d in chosen]
+        views.append((case.image[m, :, coronal], label[:, coronal], sz / sx, f"coronal {coronal}"))
+        for ax, (picture, outline, aspect, title) in zip(axes[m], views):
+            ax.imshow(picture, cmap="gray", origin="lower", vmin=low, vmax=high, aspect=aspect)
+            if (outline == 1).any():
+                ax.contour(outline == 1, levels=[0.5], colors="red", linewidths=0.6, origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{case.modalities[m].upper()} {title}", fontsize=8)
+    fig.suptitle(f"{case.id}: lesion outline in red", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

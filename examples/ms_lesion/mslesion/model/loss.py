@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data import IGNORE_LABEL
+from ..data.reading import IGNORE_LABEL
 
 WEIGHTINGS: tuple[str, ...] = ("swapped", "literal", "none")
 LOSSES: tuple[str, ...] = ("ce", "dice-ce")

@@ -16,13 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from data import (
-    LABEL2_MODES, LAYOUTS, MODALITIES, NNUNET_IMAGES, NORMALISATIONS, DataError, DataOptions, describe, parse_patterns,
-    resolve_layout,
-)
-from inference import DEFAULT_OVERLAP, DEFAULT_THRESHOLD
-from lesions import DEFAULT_MIN_LESION_MM3
-from run import UsageError
+from .data.reading import LABEL2_MODES, LAYOUTS, MODALITIES, NNUNET_IMAGES, NORMALISATIONS, DataError, DataOptions, describe, parse_patterns, resolve_layout
+from .inference.sliding_window import DEFAULT_OVERLAP, DEFAULT_THRESHOLD
+from .inference.lesions import DEFAULT_MIN_LESION_MM3
+from .run import UsageError
 
 class Parser(argparse.ArgumentParser):
     """argparse with whole option names only (no silent abbreviations) and a one-line ``error:`` message."""

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from augment import AUGMENTATIONS
-from data import CENTRES, DataOptions
-from inference import DEFAULT_OVERLAP
-from loss import LOSSES, WEIGHTINGS
-from model import FILTER_PRESETS, METHODS, parse_method, resolve_filters
-from run import UsageError
-from runtime import AMP_CHOICES
+from .data.augment import AUGMENTATIONS
+from .data.reading import CENTRES, DataOptions
+from .inference.sliding_window import DEFAULT_OVERLAP
+from .model.loss import LOSSES, WEIGHTINGS
+from .model.unet import FILTER_PRESETS, METHODS, parse_method, resolve_filters
+from .run import UsageError
+from .training.runtime import AMP_CHOICES
 
 # --preset: the values an explicit flag does not set. "paper" is the paper's protocol (for a GPU); "cpu"
 # the best measured configuration for 1 mm scans within 15 minutes on 2 CPU cores; "demo" the no-data

@@ -29,14 +29,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-if TYPE_CHECKING:
-    from data import Case
+from ..data.reading import MODALITIES, CasePaths, DataError, load_case
+from ..evaluation.figures import save_montage
 
 GENERATOR_VERSION = 1
 ANATOMIES: tuple[str, ...] = ("auto", "mni152", "phantom")
@@ -103,7 +101,7 @@ class Preset:
     randomise: bool = False
 
 
-PRESETS: dict[str, Preset] = {
+COHORT_PRESETS: dict[str, Preset] = {
     # The paper: 0.7 x 0.7 x 3 mm, 44-60 slices of 320 x 230-260.
     "paper": Preset((3.0, 0.7, 0.7), (44, 60), (320, 320), (230, 260), 2, 3, 42.0, 1.0, 20),
     # A CPU demo: 2 mm in-plane, ~44 x 104 x 88.
@@ -473,13 +471,13 @@ def generate_case(index: int, *, preset: str = "paper", seed: int = 0, anatomy: 
     stream; anatomy and lesion positions come from the first, whose draws stay those of the fixed
     appearance up to the lesions.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if preset not in COHORT_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(COHORT_PRESETS)}, got {preset!r}")
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
     if randomise is not None and not isinstance(randomise, bool):
         raise TypeError(f"randomise must be a bool or None, got {randomise!r}")
-    cfg = PRESETS[preset]
+    cfg = COHORT_PRESETS[preset]
     randomise = cfg.randomise if randomise is None else randomise
     atlas = load_anatomy(anatomy)
     rng = np.random.default_rng([int(seed), int(index), GENERATOR_VERSION])
@@ -678,7 +676,6 @@ def _rasterise(item: Lesion, number: int, axes_mm: Sequence[np.ndarray], offsets
 # ----------------------------------------------------------------------------------------------- appearance
 
 
-MODALITIES: tuple[str, ...] = ("t1", "t2", "flair")
 # Hyperintensities that are not lesions (never labelled), by kind: where they sit and what region bounds them.
 MIMICS: tuple[str, ...] = ("rim", "tract", "choroid")
 
@@ -950,7 +947,7 @@ def make_cohort(
     Args:
         out: output folder.
         subjects: number of subjects (the paper has 43).
-        preset: ``"paper"``, ``"demo"``, ``"small"`` or ``"mni"`` (see ``PRESETS``).
+        preset: ``"paper"``, ``"demo"``, ``"small"`` or ``"mni"`` (see ``COHORT_PRESETS``).
         seed: random seed; same seed, same cohort.
         anatomy: ``"auto"``, ``"mni152"`` or ``"phantom"``.
         montage: also write the PNG montage of the first subject.
@@ -965,12 +962,10 @@ def make_cohort(
         DataError: ``out`` (or a folder above it) is a file, or ``out`` is not empty and holds no cohort
             written by this function.
     """
-    from data import DataError  # sibling module of this example folder
-
     if isinstance(subjects, bool) or not isinstance(subjects, (int, np.integer)) or subjects < 1:
         raise ValueError(f"subjects must be a positive int, got {subjects!r}")
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if preset not in COHORT_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(COHORT_PRESETS)}, got {preset!r}")
     if layout not in COHORT_LAYOUTS:
         raise ValueError(f"layout must be one of {COHORT_LAYOUTS}, got {layout!r}")
     if randomise is not None and not isinstance(randomise, bool):
@@ -979,7 +974,7 @@ def make_cohort(
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise DataError(f"{existing} is a file, not a folder; choose a folder for the cohort")
-    randomise = PRESETS[preset].randomise if randomise is None else randomise
+    randomise = COHORT_PRESETS[preset].randomise if randomise is None else randomise
     params = {"version": GENERATOR_VERSION, "preset": preset, "seed": int(seed),
               "anatomy": resolve_anatomy(anatomy), "subjects": subjects, "layout": layout, "randomise": randomise}
     record = out / "cohort.json"
@@ -1011,7 +1006,7 @@ def make_cohort(
         }, indent=1))
     if montage:
         _montage_of(files[ids[0]], out / MONTAGE_NAME)
-    record.write_text(json.dumps({"params": params, "preset": asdict(PRESETS[preset]), "stats": stats}, indent=1))
+    record.write_text(json.dumps({"params": params, "preset": asdict(COHORT_PRESETS[preset]), "stats": stats}, indent=1))
     return out
 
 
@@ -1051,56 +1046,6 @@ def case_stats(case: SyntheticCase) -> dict:
 
 
 def _montage_of(files: Mapping[str, Path], path: Path) -> None:
-    from data import CasePaths, load_case  # sibling module of this example folder
-
     paths = CasePaths(files["flair"].parent.name, {m: files[m] for m in ("t1", "t2", "flair")}, files["mask"],
                       files.get("brain_mask"))
     save_montage(load_case(paths, normalisation="brain-mask" if paths.brain_mask else "foreground"), path)
-
-
-def save_montage(case: Case, path: str | Path, *, slices: int = 4, dpi: int = 110) -> Path:
-    """Save a PNG: one row per modality, ``slices`` axial slices with the most lesion plus one coronal
-    slice, lesion outline in red.
-
-    Args:
-        case: a ``data.Case`` (image ``(M, D, H, W)``, label ``(D, H, W)``, spacing).
-        path: output PNG.
-        slices: number of axial slices.
-        dpi: resolution of the PNG.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    label = case.label if case.label is not None else np.zeros(case.image.shape[1:], np.uint8)
-    per_slice = (label == 1).sum((1, 2))
-    chosen: list[int] = []
-    for d in np.argsort(-per_slice, kind="stable"):  # most lesion first, at least 2 slices apart
-        if all(abs(int(d) - c) >= 2 for c in chosen):
-            chosen.append(int(d))
-        if len(chosen) == slices:
-            break
-    chosen.sort()
-    coronal = int(np.argmax((label == 1).sum((0, 2)))) if label.any() else label.shape[1] // 2
-    sz, sy, sx = case.spacing
-    rows = case.image.shape[0]
-    fig, axes = plt.subplots(rows, len(chosen) + 1, figsize=(2.4 * (len(chosen) + 1), 2.6 * rows), squeeze=False)
-    for m in range(rows):
-        inside = case.image[m][case.brain_mask]
-        low, high = np.percentile(inside, [0.5, 99.5]) if inside.size else (-3, 3)
-        views = [(case.image[m, d], label[d], sy / sx, f"axial {d}") for d in chosen]
-        views.append((case.image[m, :, coronal], label[:, coronal], sz / sx, f"coronal {coronal}"))
-        for ax, (picture, outline, aspect, title) in zip(axes[m], views):
-            ax.imshow(picture, cmap="gray", origin="lower", vmin=low, vmax=high, aspect=aspect)
-            if (outline == 1).any():
-                ax.contour(outline == 1, levels=[0.5], colors="red", linewidths=0.6, origin="lower")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{case.modalities[m].upper()} {title}", fontsize=8)
-    fig.suptitle(f"{case.id}: lesion outline in red", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path

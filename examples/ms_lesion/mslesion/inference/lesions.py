@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from metrics import CONNECTIVITY_26
+from ..evaluation.metrics import CONNECTIVITY_26
 
 LESION_FIELDS: tuple[str, ...] = ("label", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
                                   "max_probability")

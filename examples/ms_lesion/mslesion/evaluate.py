@@ -1,0 +1,104 @@
+"""Evaluate a trained model on labelled subjects: sliding-window inference, then the metrics.
+
+    python examples/ms_lesion/evaluate.py --checkpoint runs/rsa-010/model.pt --data DIR [--split FILE] --out DIR
+
+The data options (modalities, file patterns, label policy, normalisation) default to the ones the
+model was trained with. Writes ``<out>/metrics.json`` (cohort summary, see ``metrics.summarise``) and
+``<out>/cases.csv`` (one row per subject); existing files there are kept unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .cli import (
+    Parser, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
+    add_runtime_options, command, data_options, list_cases, say_nnunet_folders,
+)
+from .config import recorded_config
+from .data.reading import check_lesion_masks
+from .inference.sliding_window import evaluate_cases
+from .model.unet import load_trained
+from .run import UsageError, check_split, read_split, refuse_existing, write_csv, write_json
+from .training.runtime import configure_runtime, select_device
+
+OUTPUTS = ("metrics.json", "cases.csv")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(__doc__)
+    parser.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt written by train.py")
+    parser.add_argument("--data", required=True, help="dataset folder (subject folders or nnU-Net layout)")
+    parser.add_argument("--split", default=None, help="split JSON; evaluate its 'test' ids (default: all subjects)")
+    parser.add_argument("--out", required=True, help="output folder for metrics.json and cases.csv")
+    parser.add_argument("--overwrite", action="store_true", help="replace metrics.json and cases.csv in --out")
+    parser.add_argument("--include-training-subjects", action="store_true",
+                        help="score subjects the model was trained on too (refused by default: their scores "
+                        "are optimistic and would be read as held-out results)")
+    add_data_options(parser)
+    add_nnunet_images_option(parser)
+    add_inference_options(parser)
+    add_postprocessing_options(parser)
+    add_runtime_options(parser)
+    return parser
+
+
+def refuse_training_subjects(ids: list[str], trained_on: list[str], include: bool) -> None:
+    """Refuse to score the model's own training subjects unless ``--include-training-subjects``."""
+    seen = sorted(set(ids) & set(trained_on))
+    if seen and not include:
+        shown = ", ".join(seen[:5]) + (f" and {len(seen) - 5} more" if len(seen) > 5 else "")
+        raise UsageError(f"{len(seen)} of the subjects to evaluate ({shown}) are subjects the model was trained on; "
+                         "evaluate held-out subjects (--split with their ids in 'test'), or pass "
+                         "--include-training-subjects to score them anyway")
+
+
+def warnings_for(summary: dict[str, float], rows: list[dict]) -> list[str]:
+    """What a reader of the scores must know: e.g. that every reference mask is empty."""
+    if rows and all(row["reference_voxels"] == 0 for row in rows):
+        return [f"every reference mask is empty ({len(rows)} subjects): Dice and IoU are 1 only where nothing is "
+                "predicted, and lesion-wise scores are undefined; these are not lesion-segmentation scores"]
+    return []
+
+
+@command
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = select_device(args.device)
+    configure_runtime(args.threads, not args.no_malloc_tuning)
+    out = Path(args.out)
+    refuse_existing(out, OUTPUTS, args.overwrite)
+    model, meta = load_trained(args.checkpoint, device)
+    trained = recorded_config(meta, args.checkpoint)
+    options = data_options(args, trained.data_options)
+    if args.list:
+        return list_cases(args.data, options, require_mask=True)
+    say_nnunet_folders(args.data, options, args.nnunet_images)
+    found = options.find(args.data, nnunet_images=args.nnunet_images)
+    if args.split:
+        split = read_split(args.split)
+        check_split(split, [p.id for p in found], args.split)
+        found = [p for p in found if p.id in set(split["test"])]
+    if not found:
+        raise UsageError(f"no subject to evaluate in {args.data}")
+    refuse_training_subjects([p.id for p in found], meta["split"]["train"], args.include_training_subjects)
+    cases = [options.load(p) for p in found]
+    check_lesion_masks(cases, training=False)
+    summary, rows, _ = evaluate_cases(model, cases, trained.crop, overlap=args.overlap, device=device,
+                                      mirror=args.tta, min_lesion_mm3=args.min_lesion_size, threshold=args.threshold)
+    notes = warnings_for(summary, rows)
+    write_json(out / "metrics.json", {**summary, "warnings": notes})
+    write_csv(out / "cases.csv", rows)
+    print(json.dumps({k: round(v, 4) for k, v in summary.items()}, indent=1))
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    print(f"metrics: {out / 'metrics.json'}\nper case: {out / 'cases.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

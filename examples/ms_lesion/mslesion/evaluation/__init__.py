@@ -1,0 +1,1 @@
+"""Evaluation: segmentation metrics, paired statistics, the experiment's report and the figures."""

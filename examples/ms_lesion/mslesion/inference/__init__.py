@@ -1,0 +1,1 @@
+"""Inference: sliding-window prediction, lesions as clinicians read them, the onnxruntime engine."""

@@ -1,0 +1,1 @@
+"""Training: the loop as named steps, the attention monitor, and where and how it runs."""
