@@ -39,8 +39,8 @@ from ..inference.sliding_window import evaluate_cases, lesion_attention
 from ..model.loss import class_weights, make_loss
 from ..model.unet import build_model, crop_divisor, model_config, read_checkpoint, set_output_prior, training_memory_bytes
 from .monitor import (
-    ALIVE_EFFECT, attention_blocks, attention_state, attention_summary, log_columns, stayed_identity, watch,
-    with_recent_effect,
+    ALIVE_EFFECT, UNIFORM_PEAK, attention_blocks, attention_state, attention_summary, log_columns, stayed_identity,
+    stayed_uniform, watch, with_recent_effect,
 )
 from ..run import (
     UsageError, changed_files, check_split, file_digest, random_split, read_split, remove_run, run_files,
@@ -433,6 +433,7 @@ def finish(run: Run) -> dict[str, Any]:
     write_log(out / "log.csv", run.log)
     write_json(out / "metrics.json", result)
     warn_identity_blocks(run, state)
+    warn_uniform_blocks(state)
     print(f"model:   {out / 'model.pt'}")
     if run.data.test_cases:
         s = result["summary"]
@@ -471,6 +472,16 @@ def warn_identity_blocks(run: Run, state: dict[str, dict[str, float]]) -> None:
               "iterations): "
               "this run is a plain U-Net; check --attention-weight-decay "
               f"(now {run.config.attention_weight_decay:g}) and docs/ms_lesion_training.md", file=sys.stderr)
+
+
+def warn_uniform_blocks(state: dict[str, dict[str, float]]) -> None:
+    """Warn about attention blocks whose maps stayed uniform: they add the mean of the slices, attending to nothing."""
+    for name in stayed_uniform(state):
+        weights = ", ".join(f"{k[len('max_weight_'):] or 'map'} {v:.3f}" for k, v in state[name].items()
+                            if k.startswith("max_weight"))
+        print(f"warning: the attention block {name} attends to nothing: every map stayed within {UNIFORM_PEAK:g} "
+              f"of uniform (largest weights {weights}); it adds the mean of the slices; see 'Does RSA attend?' "
+              "in docs/ms_lesion_training.md", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
