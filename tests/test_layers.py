@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.baselines import AXIS_DIM, NaiveRSABlock, naive_slice_attention
-from sliceattn import RecurrentSliceAttention3d, SliceAttention3d
+from sliceattn import QKVProjection, RecurrentSliceAttention3d, SliceAttention3d
 
 AXES = ("axial", "coronal", "sagittal")
 
@@ -116,6 +116,32 @@ def test_from_reference_state_dict_errors() -> None:
         RecurrentSliceAttention3d.from_reference_state_dict({**state, "g_conv.weight": torch.zeros(4, 3, 1, 1, 1)})
     with pytest.raises(ValueError, match="fixes"):
         RecurrentSliceAttention3d.from_reference_state_dict(state, order=("axial",))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("order", ("axial", "coronal", "sagittal")), ("projection", False), ("qk_channels", 2), ("project_once", True), ("alpha_init", 0.0)],
+)
+def test_from_reference_state_dict_refuses_each_structural_option(option: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"fixes \['{option}'\] to the reference's values"):
+        RecurrentSliceAttention3d.from_reference_state_dict(NaiveRSABlock(4).state_dict(), **{option: value})
+
+
+def test_from_reference_state_dict_scale_device_and_dtype() -> None:
+    reference = randomize_(NaiveRSABlock(4).double())
+    state = reference.state_dict()
+    x = torch.randn(2, 4, 3, 5, 4, dtype=torch.float64)
+    # scale is accepted, as documented: the scaled variant with the reference's weights (another function)
+    scaled = RecurrentSliceAttention3d.from_reference_state_dict(state, scale="auto")
+    by_hand = RecurrentSliceAttention3d(4, scale="auto", dtype=torch.float64)
+    by_hand.load_state_dict(RecurrentSliceAttention3d.from_reference_state_dict(state).state_dict())
+    assert scaled.scale == "auto"
+    torch.testing.assert_close(scaled(x), by_hand(x), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(scaled(x), reference(x))
+    # device and dtype pass through and convert the weights (they collided with the weights' own)
+    block = RecurrentSliceAttention3d.from_reference_state_dict(state, device="cpu", dtype=torch.float32, impl="reference")
+    assert block.alpha.dtype == block.projection.weight.dtype == torch.float32 and block.impl == "reference"
+    torch.testing.assert_close(block(x.float()), reference(x).float(), rtol=1e-5, atol=1e-5)
 
 
 def test_state_dict_round_trip() -> None:
@@ -243,6 +269,8 @@ def test_data_parallel_replica_keeps_gates() -> None:
         (lambda: RecurrentSliceAttention3d(4, alpha_init=True), TypeError, "alpha_init must be a float, got bool"),
         (lambda: SliceAttention3d(4, "axial", scale=float("nan")), ValueError, "scale must be a finite positive number, got nan"),
         (lambda: RecurrentSliceAttention3d(4, scale=float("inf")), ValueError, "scale must be a finite positive number, got inf"),
+        (lambda: QKVProjection(0, 2), ValueError, "channels must be >= 1, got 0"),
+        (lambda: QKVProjection(4, 2.0), TypeError, "qk_channels must be an int, got float"),
     ],
 )
 def test_bad_options_raise(build, error: type, fragment: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sliceattn import NonLocal3d, RecurrentSliceAttention3d, SliceAttention3d, slice_attention
+from sliceattn import NonLocal3d, QKVProjection, RecurrentSliceAttention3d, SliceAttention3d, slice_attention
 
 BUILDERS = {
     "sa": lambda: SliceAttention3d(4, "coronal", alpha_init=0.5),
@@ -14,6 +14,18 @@ BUILDERS = {
     "rsa-reference": lambda: RecurrentSliceAttention3d(4, alpha_init=0.5, impl="reference", scale="auto"),
     "rsa-noproj-once": lambda: RecurrentSliceAttention3d(4, alpha_init=0.5, projection=False, checkpoint=True),
     "nonlocal": lambda: NonLocal3d(4),
+    "nonlocal-subsample": lambda: NonLocal3d(4, sub_sample=True),
+}
+#: every layer with parameters, at its default (identity) initialisation; factory kwargs pass through
+IDENTITY_BUILDERS = {
+    "sa": lambda **factory: SliceAttention3d(4, "coronal", **factory),
+    "sa-noproj": lambda **factory: SliceAttention3d(4, "axial", projection=False, **factory),
+    "rsa": lambda **factory: RecurrentSliceAttention3d(4, **factory),
+    "rsa-qk-once": lambda **factory: RecurrentSliceAttention3d(4, qk_channels=2, project_once=True, **factory),
+    "rsa-noproj": lambda **factory: RecurrentSliceAttention3d(4, projection=False, **factory),
+    "nonlocal": lambda **factory: NonLocal3d(4, **factory),
+    "nonlocal-nonorm": lambda **factory: NonLocal3d(4, norm=False, **factory),
+    "nonlocal-subsample": lambda **factory: NonLocal3d(4, sub_sample=True, inter_channels=3, **factory),
 }
 EMPTY_SHAPES = [(0, 4, 3, 4, 5), (2, 4, 0, 4, 5), (2, 4, 3, 0, 5), (2, 4, 3, 4, 0), (0, 4, 0, 0, 0)]
 
@@ -60,11 +72,82 @@ def test_meta_device_builds_and_infers_shapes(name: str) -> None:
     x = torch.empty(2, 4, 3, 5, 6, device="meta")
     out = block(x)
     assert out.is_meta and out.shape == x.shape
-    # deferred initialisation: materialise on the CPU, then the block runs for real
+    # deferred initialisation: materialise on the CPU, initialise, then the block runs for real
     block.to_empty(device="cpu")
-    if hasattr(block, "alpha"):
-        nn.init.zeros_(block.alpha)
-    assert block(torch.randn(2, 4, 3, 5, 6)).shape == x.shape
+    block.reset_parameters()
+    out = block(torch.randn(2, 4, 3, 5, 6))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def _meta_then_cpu(name: str, how: str) -> nn.Module:
+    """The block of ``name`` built on the meta device (three ways), materialised on the CPU (uninitialised)."""
+    if how == "device":
+        block = IDENTITY_BUILDERS[name](device="meta")
+    elif how == "context":
+        with torch.device("meta"):
+            block = IDENTITY_BUILDERS[name]()
+    else:
+        block = IDENTITY_BUILDERS[name]().to("meta")
+    assert all(tensor.is_meta for tensor in block.state_dict().values())
+    return block.to_empty(device="cpu")
+
+
+def _assert_same_state(block: nn.Module, expected: nn.Module) -> None:
+    state, expected_state = block.state_dict(), expected.state_dict()
+    assert state.keys() == expected_state.keys()
+    for key, value in expected_state.items():
+        assert torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize("how", ["device", "context", "to"])
+@pytest.mark.parametrize("name", sorted(IDENTITY_BUILDERS))
+def test_reset_parameters_after_meta_initialisation_gives_the_new_block(name: str, how: str) -> None:
+    block = _meta_then_cpu(name, how)
+    torch.manual_seed(1)
+    block.reset_parameters()
+    torch.manual_seed(1)
+    _assert_same_state(block, IDENTITY_BUILDERS[name]())  # the same draws as a new block's
+    assert all(torch.isfinite(tensor).all() for tensor in block.state_dict().values())
+    x = torch.randn(2, 4, 3, 4, 5)
+    assert torch.equal(block(x), x)
+    assert torch.equal(block.eval()(x), x)
+
+
+def test_projections_are_drawn_as_conv3d_default_init() -> None:
+    torch.manual_seed(2)
+    conv = nn.Conv3d(4, 2 * 3 + 4, 1)
+    for projection in (QKVProjection(4, 3, device="meta").to_empty(device="cpu"), RecurrentSliceAttention3d(4, qk_channels=3).projection):
+        torch.manual_seed(2)
+        projection.reset_parameters()
+        assert torch.equal(projection.weight, conv.weight) and torch.equal(projection.bias, conv.bias)
+    # NonLocal3d: theta, phi, g and W's convolution, drawn in that order like plain nn.Conv3d
+    torch.manual_seed(2)
+    convs = [nn.Conv3d(4, 2, 1) for _ in range(3)] + [nn.Conv3d(2, 4, 1)]
+    torch.manual_seed(2)
+    block = NonLocal3d(4)
+    for mine, plain in zip((block.theta, block.phi, block.g, block.W[0]), convs):
+        assert torch.equal(mine.weight, plain.weight) and torch.equal(mine.bias, plain.bias)
+
+
+@pytest.mark.parametrize("name", sorted(IDENTITY_BUILDERS))
+def test_reset_parameters_restores_a_trained_block(name: str) -> None:
+    block = IDENTITY_BUILDERS[name]()
+    x = torch.randn(2, 4, 3, 4, 5)
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.add_(torch.randn_like(parameter))  # what training does to them
+        block(x)  # and to a norm's running statistics
+    assert not torch.equal(block(x), x)
+    block.reset_parameters()
+    assert torch.equal(block(x), x) and torch.equal(block.eval()(x), x)
+
+
+def test_reset_parameters_restores_alpha_init() -> None:
+    for block, shape in ((RecurrentSliceAttention3d(4, alpha_init=0.25), (3,)), (SliceAttention3d(4, 2, alpha_init=0.25), ())):
+        with torch.no_grad():
+            block.alpha.normal_()
+        block.reset_parameters()
+        assert torch.equal(block.alpha, torch.full(shape, 0.25))
 
 
 def test_meta_device_functional() -> None:

@@ -1,4 +1,4 @@
-"""Argument checks shared by the public functions and layers (the library's one boundary)."""
+"""Argument checks shared by the public functions and layers (the library's one boundary), and their device helpers."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import contextlib
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.types import Device
 
 AxisLike = Union[int, str]
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 #: Anatomical names of the spatial dims of a ``(B, C, D, H, W)`` tensor (reference-code convention).
 AXIS_NAMES: dict[str, int] = {"axial": 2, "coronal": 3, "sagittal": 4}
@@ -137,3 +139,14 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 def low_precision(x: Tensor) -> bool:
     """True when ``x`` is half/bfloat16 or autocast is on for its device (so float32 must be forced)."""
     return x.dtype in (torch.float16, torch.bfloat16) or autocast_enabled(x.device)
+
+
+def allocate(module: ModuleT, device: Device) -> ModuleT:
+    """Move ``module``, built on the ``meta`` device, to ``device`` without initialising it.
+
+    For a block whose ``reset_parameters`` draws its submodules' weights: the submodule draws
+    nothing when built, so the block draws each weight once (the same random stream as
+    building the submodule on ``device``). ``device=None`` is the device a factory function
+    would use (the default device, or that of an enclosing ``with torch.device(...)``).
+    """
+    return module.to_empty(device=torch.empty(0, device=device).device)

@@ -104,6 +104,11 @@ def pointwise_cost(shape: Shape, out_channels: int, *, input_requires_grad: bool
 
     Forward ``2*B*N*C*out``; backward the same for the weight, and again for the input when it
     requires a gradient. The bias is element-wise and not counted.
+
+    Args:
+        shape: ``(B, C, D, H, W)`` input.
+        out_channels: output channels of the convolution.
+        input_requires_grad: whether backward computes the gradient of the input.
     """
     batch, channels = _check_shape(shape)[:2]
     flops = 2 * batch * voxels(shape) * channels * out_channels
@@ -243,7 +248,12 @@ def rsa_saved_bytes(
 
 
 def nonlocal_keys(shape: Shape, sub_sample: bool = False) -> int:
-    """``N'``, the number of keys of a non-local block: ``N``, or ``D*(H//2)*(W//2)`` sub-sampled."""
+    """``N'``, the number of keys of a non-local block: ``N``, or ``D*(H//2)*(W//2)`` sub-sampled.
+
+    Args:
+        shape: ``(B, C, D, H, W)`` input.
+        sub_sample: as in :class:`~sliceattn.NonLocal3d` (max pooling by 2 in ``H`` and ``W``).
+    """
     _, _, depth, height, width = _check_shape(shape)
     return depth * (height // 2) * (width // 2) if sub_sample else depth * height * width
 
@@ -253,6 +263,10 @@ def nonlocal_map_cost(shape: Shape, *, inter_channels: Optional[int] = None, sub
 
     Forward ``4*B*N*N'*C'`` FLOPs (``C'`` default ``C // 2``), an ``N x N'`` float32 map per
     batch item; backward twice the forward.
+
+    Args:
+        shape: ``(B, C, D, H, W)`` input.
+        inter_channels, sub_sample: as in :class:`~sliceattn.NonLocal3d`.
     """
     batch, channels = _check_shape(shape)[:2]
     inter = _check_channels(inter_channels, "inter_channels", max(channels // 2, 1))
@@ -268,6 +282,11 @@ def nonlocal_cost(
 
     Pooling (``sub_sample``) follows ``phi`` and ``g``, so their convolutions run on all ``N``
     voxels. BatchNorm is element-wise and not counted.
+
+    Args:
+        shape: ``(B, C, D, H, W)`` input.
+        inter_channels, sub_sample: as in :class:`~sliceattn.NonLocal3d`.
+        input_requires_grad: whether backward computes the gradient of the block input.
     """
     batch, channels, depth, height, width = _check_shape(shape)
     inter = _check_channels(inter_channels, "inter_channels", max(channels // 2, 1))

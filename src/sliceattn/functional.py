@@ -52,8 +52,13 @@ def check_scale(scale: object) -> Scale:
 def resolve_scale(scale: Scale, shape: torch.Size, dim: int) -> float:
     """The logit multiplier for a checked ``scale`` and query ``shape``.
 
-    ``None`` -> 1 (the paper), ``"auto"`` -> ``1/sqrt(C * rest)`` (1 when a slice is empty),
-    a float -> itself.
+    ``None`` -> 1 (the paper), ``"auto"`` -> ``1/sqrt(Cq * rest)`` with ``Cq`` the query's channels
+    (1 when a slice is empty), a float -> itself.
+
+    Args:
+        scale: a value :func:`check_scale` returned.
+        shape: the query's shape ``(B, Cq, *spatial)``.
+        dim: the attention axis, a resolved dim index.
     """
     if scale is None:
         return 1.0

@@ -7,16 +7,19 @@ block is the identity until training moves it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.types import Device
 from torch.utils.checkpoint import checkpoint as recompute
 
 from ._checks import (
     AXIS_NAMES,
     AxisLike,
+    allocate,
     autocast_off,
     check_bool,
     check_choice,
@@ -41,13 +44,30 @@ class QKVProjection(nn.Module):
     Args:
         channels: ``C``, input and value channels.
         qk_channels: query/key channels (``C`` as in the paper; fewer is cheaper).
+        device, dtype: of the parameters, as for ``nn.Conv3d``.
+
+    Shape:
+        ``(B, C, D, H, W)`` -> query and key ``(B, qk_channels, D, H, W)``, value ``(B, C, D, H, W)``.
+        Parameters: ``weight (2 * qk_channels + C, C, 1, 1, 1)``, ``bias (2 * qk_channels + C,)``.
     """
 
-    def __init__(self, channels: int, qk_channels: int, *, device=None, dtype=None) -> None:
+    def __init__(
+        self, channels: int, qk_channels: int, *, device: Device = None, dtype: Optional[torch.dtype] = None
+    ) -> None:
         super().__init__()
-        self.channels, self.qk_channels = channels, qk_channels
-        conv = nn.Conv3d(channels, 2 * qk_channels + channels, 1, device=device, dtype=dtype)
-        self.weight, self.bias = conv.weight, conv.bias
+        self.channels = check_positive_int(channels, "channels")
+        self.qk_channels = check_positive_int(qk_channels, "qk_channels")
+        factory = {"device": device, "dtype": dtype}
+        out_channels = 2 * qk_channels + channels
+        self.weight = nn.Parameter(torch.empty(out_channels, channels, 1, 1, 1, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw ``weight`` and ``bias`` as ``nn.Conv3d(C, 2 * qk_channels + C, 1)`` does (the same random draws)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.channels)  # 1 / sqrt(fan_in) of a 1x1x1 convolution
+        nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, C, D, H, W)`` -> query, key ``(B, qk_channels, D, H, W)``, value ``(B, C, D, H, W)``."""
@@ -84,8 +104,8 @@ class _GatedSliceBlock(nn.Module):
         alpha_init: float,
         impl: str,
         save_attention: bool,
-        device,
-        dtype,
+        device: Device,
+        dtype: Optional[torch.dtype],
     ) -> None:
         """Validate the shared options; build the projection (None without one) and the gates.
 
@@ -102,12 +122,27 @@ class _GatedSliceBlock(nn.Module):
                 raise ValueError(f"qk_channels={qk_channels} needs projection=True (without projections query/key are the input)")
             check_positive_int(qk_channels, "qk_channels")
         self.channels = channels
-        self.projection = QKVProjection(channels, qk_channels or channels, device=device, dtype=dtype) if projection else None
+        # built undrawn: reset_parameters below draws it once (the draws nn.Conv3d's init makes)
+        self.projection = (
+            allocate(QKVProjection(channels, qk_channels or channels, device="meta", dtype=dtype), device) if projection else None
+        )
         # one plain Parameter holding every step's gate (nn.ParameterList breaks DataParallel replicas)
         shape = () if steps is None else (steps,)
-        alpha_init = check_finite_float(alpha_init, "alpha_init")  # a NaN gate would poison every output
-        self.alpha = nn.Parameter(torch.full(shape, alpha_init, device=device, dtype=dtype))
+        self.alpha_init = check_finite_float(alpha_init, "alpha_init")  # a NaN gate would poison every output
+        self.alpha = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         self.attention_maps = ()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the parameters as a new block has them: ``nn.Conv3d``'s projection draw, ``alpha_init``.
+
+        ``__init__`` calls it; call it again after ``to_empty`` has materialised a block built
+        on the ``meta`` device (uninitialised memory until then). With ``alpha_init=0`` (the
+        default) the block is the identity afterwards.
+        """
+        if self.projection is not None:
+            self.projection.reset_parameters()
+        nn.init.constant_(self.alpha, self.alpha_init)
 
     def _check_input(self, x: Tensor) -> None:
         check_feature_map(x, "input", ndim=5, channels=self.channels, dtype=self.alpha.dtype)
@@ -134,11 +169,14 @@ class SliceAttention3d(_GatedSliceBlock):
         projection: query/key/value are 1x1x1 convolutions (paper's figure and code) if True,
             the input itself (paper's equations) if False.
         qk_channels: reduce query/key to this many channels (a departure from the paper).
-        scale: logit multiplier: None (1, the paper), ``"auto"`` (``1/sqrt(C*rest)``), or a float.
+        scale: logit multiplier: None (1, the paper), ``"auto"`` (``1/sqrt(Cq*rest)``, ``Cq`` the
+            query's channels: ``qk_channels``, else ``C``; ``rest`` the product of the other two
+            spatial sizes), or a float.
         alpha_init: initial gate; 0 makes the block the identity at init.
         impl: ``"fused"`` or the einops ``"reference"`` (the same function).
         save_attention: keep the last forward's map in :attr:`attention_maps` (a 1-tuple holding
             a detached ``(B, L, L)`` tensor); off, it stays ``()`` and costs nothing.
+        device, dtype: of the parameters (factory arguments, as for ``nn.Conv3d``).
 
     Shape:
         ``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``, same dtype (the parameters' dtype outside
@@ -156,8 +194,8 @@ class SliceAttention3d(_GatedSliceBlock):
         alpha_init: float = 0.0,
         impl: Impl = "fused",
         save_attention: bool = False,
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(channels, None, projection, qk_channels, scale, alpha_init, impl, save_attention, device, dtype)
         self.dim = resolve_axis(axis)
@@ -189,12 +227,14 @@ class RecurrentSliceAttention3d(_GatedSliceBlock):
             step (departure from the paper: a third of the projection cost).
         checkpoint: recompute the block in backward instead of keeping its activations
             (saves training memory, costs one more forward).
-        scale: logit multiplier: None (1, the paper), ``"auto"`` or a float.
+        scale: logit multiplier: None (1, the paper), ``"auto"`` (``1/sqrt(Cq*rest)``, ``Cq`` =
+            ``qk_channels``, else ``C``) or a float.
         alpha_init: initial value of every step's gate ``alpha`` (0: identity at init).
         impl: ``"fused"`` or the einops ``"reference"`` (the same function).
         save_attention: keep the last forward's maps in :attr:`attention_maps`: one detached
             ``(B, L, L)`` tensor per step, in step order (``L`` the length of that step's axis);
             off, it stays ``()`` and costs nothing.
+        device, dtype: of the parameters (factory arguments, as for ``nn.Conv3d``).
 
     Shape:
         ``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``, same dtype (the parameters' dtype outside
@@ -214,8 +254,8 @@ class RecurrentSliceAttention3d(_GatedSliceBlock):
         alpha_init: float = 0.0,
         impl: Impl = "fused",
         save_attention: bool = False,
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         if isinstance(order, str) or not isinstance(order, Sequence) or len(order) == 0:
             raise TypeError(f"order must be a non-empty sequence of axes, got {order!r}")
@@ -266,18 +306,29 @@ class RecurrentSliceAttention3d(_GatedSliceBlock):
 
         The reference keys are ``theta_conv`` (query), ``phi_conv`` (key), ``g_conv`` (value),
         each ``.weight (C, C, 1, 1, 1)`` and ``.bias (C,)``, and ``betas.0/1/2``, the gates of the
-        coronal, sagittal and axial steps. Channels are read from the weights; the order is the
-        reference's. With ``scale=None`` (the default) the block computes the reference function.
+        coronal, sagittal and axial steps. Channels are read from the weights; the reference's
+        step order, full ``C -> C`` projections recomputed at every step, and gates (read from
+        ``betas``) are fixed, so the options that set them (``order``, ``projection``,
+        ``qk_channels``, ``project_once``, ``alpha_init``) are refused.
+
+        ``scale`` is not refused although it changes the function: ``None`` (the default) is the
+        reference's ``s = 1`` and computes the reference block's function; ``"auto"`` or a float
+        computes the scaled variant with the reference's weights (how the mixed-precision tests
+        and benchmarks compare the two).
 
         Args:
             state_dict: the reference block's ``state_dict()`` (a prefix such as ``"rsa."`` must
                 be stripped first).
-            **kwargs: other constructor options (``impl``, ``checkpoint``, ``device``, ...);
-                options that would change the function (``order``, ``projection``, ...) are refused.
+            **kwargs: other constructor options: ``impl``, ``checkpoint``, ``save_attention``,
+                ``scale`` (see above), and ``device``/``dtype`` (default: the weights'), to which
+                the weights are converted.
+
+        Returns:
+            The block: ``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``.
 
         Raises:
             KeyError: missing or unexpected keys, listed by name.
-            ValueError: weights of inconsistent shapes.
+            ValueError: weights of inconsistent shapes; a refused option (named).
         """
         expected = {f"{conv}.{part}" for conv in ("theta_conv", "phi_conv", "g_conv") for part in ("weight", "bias")}
         expected |= {f"betas.{i}" for i in range(3)}
@@ -296,7 +347,8 @@ class RecurrentSliceAttention3d(_GatedSliceBlock):
                     f"{conv} must be a {channels}->{channels} 1x1x1 convolution, "
                     f"got weight {tuple(w.shape)} and bias {tuple(b.shape)}"
                 )
-        block = cls(channels, dtype=weight.dtype, device=weight.device, **kwargs)  # type: ignore[arg-type]
+        options = {"device": weight.device, "dtype": weight.dtype, **kwargs}
+        block = cls(channels, **options)  # type: ignore[arg-type]
         with torch.no_grad():
             block.projection.weight.copy_(torch.cat([state_dict[f"{c}.weight"] for c in ("theta_conv", "phi_conv", "g_conv")]))
             block.projection.bias.copy_(torch.cat([state_dict[f"{c}.bias"] for c in ("theta_conv", "phi_conv", "g_conv")]))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -113,10 +115,35 @@ def test_bad_arguments(cls: type) -> None:
 
 def test_missing_monai_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "monai.networks.nets", None)
-    with pytest.raises(ImportError, match=r"pip install 'sliceattn\[monai\]'"):
-        sliceattn.monai._define("RSAUNet")
+    monkeypatch.delitem(sys.modules, "sliceattn.monai.networks")  # imported again, now without MONAI
+    with pytest.raises(ImportError, match=r"^sliceattn.monai.RSAUNet needs monai.networks.nets \(.*\): pip install 'sliceattn\[monai\]'$"):
+        getattr(sliceattn.monai, "RSAUNet")
+    with pytest.raises(ImportError, match=r"^sliceattn.monai's networks needs monai.networks.nets .*pip install 'sliceattn\[monai\]'$"):
+        importlib.import_module("sliceattn.monai.networks")
     with pytest.raises(AttributeError, match="has no attribute 'RSANet'"):
         getattr(sliceattn.monai, "RSANet")
+
+
+def test_sliceattn_and_its_monai_package_import_without_monai() -> None:
+    script = (
+        "import sys; sys.modules['monai'] = None\n"
+        "import sliceattn, sliceattn.monai\n"
+        "assert 'sliceattn.monai.networks' not in sys.modules\n"
+        "try:\n    sliceattn.monai.RSADynUNet\nexcept ImportError as error:\n    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("sliceattn.monai.RSADynUNet needs monai.networks.nets")
+    assert result.stdout.rstrip().endswith("pip install 'sliceattn[monai]'")
+
+
+def test_classes_are_plain_module_level_classes() -> None:
+    # defined in sliceattn.monai.networks (what type checkers, IDEs and pickle see), one class per name
+    import sliceattn.monai.networks as networks
+
+    for name in sliceattn.monai.__all__:
+        cls = getattr(sliceattn.monai, name)
+        assert cls is getattr(networks, name)
+        assert (cls.__module__, cls.__qualname__) == ("sliceattn.monai.networks", name)
 
 
 def _doc_blocks(language: str) -> list[str]:

@@ -7,10 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sliceattn.nnunet import add_attention_configuration, resolve_configuration
-from sliceattn.nnunet.plans import PlansError
+from sliceattn.nnunet.plans import PlansError, resolve_stages
 from sliceattn.nnunet.__main__ import main
 
 
@@ -153,6 +154,24 @@ def test_bad_plans_file(tmp_path: Path, capsys: pytest.CaptureFixture, content, 
         path.write_text(content)
     assert main(["add-config", str(path), "--name", "x"]) == 2
     assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stages", [np.int64(-1), [np.int64(-1)], (np.int32(2), -2), np.int8(-1)], ids=repr)
+def test_numpy_integer_stages_are_accepted_everywhere(stages: object) -> None:
+    plans = add_attention_configuration(PLANS, "3d_fullres_rsa", "3d_fullres", stages=stages)
+    recorded = plans["configurations"]["3d_fullres_rsa"]["architecture"]["arch_kwargs"]["attention_stages"]
+    expected = [int(stage) for stage in (stages if isinstance(stages, (list, tuple)) else [stages])]
+    assert recorded == expected and all(type(stage) is int for stage in recorded)
+    json.dumps(plans)  # the plans file stays JSON
+    assert resolve_stages(stages, 5) == tuple(sorted(stage % 5 for stage in expected))
+
+
+@pytest.mark.parametrize("stages", [True, np.float64(-1.0), -1.0, [True], [np.float32(1.0)], "-1"], ids=repr)
+def test_bool_and_float_stages_are_refused(stages: object) -> None:
+    with pytest.raises(PlansError, match="attention_stages must"):
+        add_attention_configuration(PLANS, "3d_fullres_rsa", "3d_fullres", stages=stages)
+    with pytest.raises((TypeError, ValueError), match="attention_stages must"):
+        resolve_stages(stages, 5)
 
 
 def test_library_call_does_not_modify_its_input() -> None:

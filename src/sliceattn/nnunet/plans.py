@@ -44,20 +44,36 @@ class PlansError(ValueError):
     """A plans file or a requested configuration that cannot be used (a user mistake)."""
 
 
+def _is_stage_index(value: object) -> bool:
+    """An ``int`` or numpy integer, not a bool: what a stage index may be."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _given_stages(stages: object) -> tuple[Any, ...]:
+    """``stages`` as given, as a tuple (one index becomes a 1-tuple); raises ``TypeError`` for anything else."""
+    if _is_stage_index(stages):
+        return (stages,)
+    if isinstance(stages, str) or not isinstance(stages, Sequence) or len(stages) == 0:
+        raise TypeError(f"attention_stages must be a non-empty sequence of encoder stage indices, got {stages!r}")
+    return tuple(stages)
+
+
 def resolve_stages(stages: Union[int, Sequence[int]], n_stages: int) -> tuple[int, ...]:
     """Encoder stage indices (negative count from the end, ``-1`` = bottleneck) -> sorted indices in ``[0, n_stages)``.
 
+    Args:
+        stages: one index or a non-empty sequence of them; an index is an ``int`` or a numpy
+            integer (not a bool).
+        n_stages: the encoder's number of stages.
+
     Raises:
-        TypeError: ``stages`` is not an int or a non-empty sequence.
-        ValueError: an index out of range, or the same stage twice.
+        TypeError: ``stages`` is not an index or a non-empty sequence.
+        ValueError: an index out of range or not an index, or the same stage twice.
     """
-    if isinstance(stages, (int, np.integer)) and not isinstance(stages, bool):
-        stages = (int(stages),)
-    if isinstance(stages, str) or not isinstance(stages, Sequence) or len(stages) == 0:
-        raise TypeError(f"attention_stages must be a non-empty sequence of encoder stage indices, got {stages!r}")
+    stages = _given_stages(stages)
     resolved = []
     for stage in stages:
-        if isinstance(stage, bool) or not isinstance(stage, (int, np.integer)) or not -n_stages <= stage < n_stages:
+        if not _is_stage_index(stage) or not -n_stages <= stage < n_stages:
             raise ValueError(
                 f"attention_stages must hold encoder stage indices in [{-n_stages}, {n_stages - 1}] "
                 f"(-1 = bottleneck) for a {n_stages}-stage encoder, got {stage!r} in {tuple(stages)!r}"
@@ -70,6 +86,13 @@ def resolve_stages(stages: Union[int, Sequence[int]], n_stages: int) -> tuple[in
 
 def resolve_configuration(plans: Mapping[str, Any], name: str) -> dict[str, Any]:
     """A configuration with its ``inherits_from`` chain merged in, as nnU-Net's ``PlansManager`` does.
+
+    Args:
+        plans: the parsed plans JSON (not modified).
+        name: the configuration, e.g. ``"3d_cascade_fullres"``.
+
+    Returns:
+        A new dict: the entries of ``name`` over those of its ancestors (shallow merge).
 
     Raises:
         PlansError: no such configuration, or an inheritance cycle.
@@ -115,7 +138,8 @@ def add_attention_configuration(
         name: the new configuration's name, e.g. ``"3d_fullres_rsa"``.
         base: a 3-D configuration whose network is ``PlainConvUNet`` or ``ResidualEncoderUNet``.
         attention, stages, attention_kwargs: the networks' ``attention``, ``attention_stages``
-            and ``attention_kwargs`` (checked here by building the blocks on the meta device).
+            (indices as in :func:`resolve_stages`, numpy integers included) and
+            ``attention_kwargs`` (checked here by building the blocks on the meta device).
         force: replace an existing configuration called ``name``; never one that other
             configurations inherit from (``3d_lowres``, which ``3d_cascade_fullres`` inherits
             from): they would change with it.
@@ -165,7 +189,7 @@ def add_attention_configuration(
         raise PlansError(str(error)) from error
     arch_kwargs.update(
         attention=attention,
-        attention_stages=[int(s) for s in ([stages] if isinstance(stages, int) else stages)],
+        attention_stages=[int(stage) for stage in _given_stages(stages)],  # JSON: plain ints
         attention_kwargs=options,
     )
     new_plans = copy.deepcopy(dict(plans))
@@ -181,6 +205,14 @@ def add_attention_configuration(
 
 
 def write_plans(path: Union[str, Path], plans: Mapping[str, Any]) -> Path:
-    """Write a plans dict as JSON (nnU-Net's indentation) through :func:`sliceattn.io.save_atomically`."""
+    """Write a plans dict as JSON (nnU-Net's indentation) through :func:`sliceattn.io.save_atomically`.
+
+    Args:
+        path: the plans file, e.g. ``nnUNetPlans.json``.
+        plans: the plans, as :func:`add_attention_configuration` returns them.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
     text = json.dumps(plans, indent=4, sort_keys=False) + "\n"
     return save_atomically(path, lambda temporary: temporary.write_text(text))

@@ -89,6 +89,9 @@ def warm_start_state_dict(network: nn.Module, checkpoint: Checkpoint) -> dict[st
 def load_plain_weights(network: nn.Module, checkpoint: Checkpoint) -> nn.Module:
     """Load a plain nnU-Net checkpoint into an attention network in place; the blocks are untouched.
 
+    Args:
+        network, checkpoint: as in :func:`warm_start_state_dict`.
+
     Returns:
         ``network``.
 
