@@ -1,6 +1,6 @@
 """Train a 3-D U-Net (plain, RSA or non-local) for MS-lesion segmentation, then evaluate it.
 
-    python examples/ms_lesion/train.py                        # demo: synthetic cohort, CPU preset
+    python examples/ms_lesion/train.py                        # the demo: synthetic demo cohort, demo preset
     python examples/ms_lesion/train.py --data DIR --list      # which file took which role, then stop
     python examples/ms_lesion/train.py --data DIR --method rsa-101 --out runs/rsa-101
     python examples/ms_lesion/train.py --data DIR --out runs/rsa-101 --resume   # continue a killed run
@@ -18,8 +18,9 @@ Default: demo without --data (the synthetic demo cohort is generated and cached)
 on a CUDA device and cpu on the CPU (printed at the start). Explicit flags override single values.
 
 The run folder (--out) gets: checkpoint.pt (latest, for --resume), model.pt (final), log.csv,
-split.json, metrics.json, cases.csv, figure.png and predictions/<id>.npz (test-subject masks).
-An --out that holds a run is refused unless --resume (same options) or --overwrite.
+split.json, metrics.json, cases.csv, figure.png, attention.png (RSA methods: where the first RSA
+block looks from a held-out lesion) and predictions/<id>.npz (test-subject masks). An --out that
+holds a run is refused unless --resume (same options) or --overwrite (removes exactly these files).
 """
 
 from __future__ import annotations
