@@ -15,7 +15,7 @@ from mslesion.evaluation import report as experiment_report
 from mslesion.config import TrainingConfig
 from mslesion.data.reading import DataOptions
 from mslesion.model.unet import model_config
-from mslesion.run import UsageError, random_split, write_json
+from mslesion.run import UsageError, fold_splits, random_split, write_json
 from sliceattn import cost
 from cli_checks import one_error_line
 
@@ -186,3 +186,73 @@ def test_tiny_experiment_writes_the_paired_table_and_the_figure(cohort: Path, tm
     results = json.loads((out / "results.json").read_text())
     assert results["paired"]["sample_dice"]["rsa-010"]["splits"] == ["split-0"]
     assert results["results"]["unet"][0]["split"] == "split-0"
+
+
+# ---------------------------------------------------------------------------------------------- cross-validation
+
+
+@pytest.mark.parametrize("folds", [2, 3, 4])
+def test_folds_are_disjoint_cover_the_subjects_and_train_on_the_rest(folds: int) -> None:
+    splits = fold_splits(IDS, folds)
+    tested = [i for split in splits for i in split["test"]]
+    assert sorted(tested) == IDS  # every subject tested exactly once
+    for split in splits:
+        assert split["test"] and sorted(split["train"] + split["test"]) == IDS
+    assert {len(s["test"]) for s in splits} <= {len(IDS) // folds, -(-len(IDS) // folds)}  # near-equal folds
+
+
+def test_train_always_subjects_are_never_tested() -> None:
+    splits = fold_splits(IDS, 3, always_train=["sub-004"])
+    assert all("sub-004" in s["train"] and "sub-004" not in s["test"] for s in splits)
+    assert sorted(i for s in splits for i in s["test"]) == IDS[:3]
+    with pytest.raises(UsageError, match="--folds 4: need 2 to 3 folds"):
+        fold_splits(IDS, 4, always_train=["sub-004"])
+
+
+@pytest.mark.parametrize("value", ["1", "two", "nan"])
+def test_a_bad_fold_count_is_refused_at_parse_time(value: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        experiment.main(["--data", str(tmp_path), "--out", str(tmp_path / "exp"), "--folds", value])
+    assert exit_.value.code == 2
+    one_error_line(capsys, f"--folds: must be 'loo' or a whole number >= 2, got '{value}'")
+
+
+def test_every_split_trains_with_each_seed() -> None:
+    splits = [Path("fold-0.json"), Path("fold-1.json")]
+    assert experiment.plan_runs(splits, 1) == [("fold-0", splits[0], 0), ("fold-1", splits[1], 1)]
+    assert [(name, seed) for name, _, seed in experiment.plan_runs(splits, 2)] == [
+        ("fold-0-seed-0", 0), ("fold-0-seed-1", 1), ("fold-1-seed-0", 0), ("fold-1-seed-1", 1)]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--folds", "loo", "--splits", "3"], "--splits with --folds"),
+    (["--folds", "2", "--train-fraction", "0.5"], "--train-fraction with --folds"),
+    (["--train-always", "sub-001"], "--train-always needs --folds"),
+    (["--folds", "loo", "--train-always", "sub-009"], "--train-always: sub-009 not in the data"),
+    (["--folds", "5"], "--folds 5: need 2 to 4 folds"),
+])
+def test_cross_validation_mistakes_are_one_line(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                args: list[str], fragment: str) -> None:
+    out = tmp_path / "exp"
+    assert experiment.main(["--data", str(cohort), "--out", str(out), *args, "--", *TINY]) == 2
+    one_error_line(capsys, fragment)
+    assert not (out / "runs").exists()  # refused before any training
+
+
+def test_leave_one_out_scores_every_fold(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cv"
+    command = ["--data", str(cohort), "--methods", "unet", "rsa-010", "--folds", "loo", "--train-always", "sub-003",
+               "sub-004", "--out", str(out), "--", *TINY]
+    assert experiment.main(command) == 0
+    results = json.loads((out / "results.json").read_text())
+    names = [r["split"] for r in results["results"]["unet"]]
+    assert names == ["fold-0", "fold-1"]
+    tested = {tuple(r["test"]) for r in results["results"]["rsa-010"]}
+    assert tested == {("sub-001",), ("sub-002",)}  # the two rotating subjects, one per fold
+    assert results["paired"]["sample_dice"]["rsa-010"]["splits"] == names  # paired by fold
+    seeds = [json.loads((out / "runs" / "unet" / n / "metrics.json").read_text())["training"]["seed"] for n in names]
+    assert seeds == [0, 1]
+    text = (out / "table.md").read_text()
+    assert "## Every run" in text and "| fold-1 | sub-00" in text and "| **worst** |" in text
+    assert experiment.main(command) == 0  # the same command again reuses every run; another fold count is refused
+    assert experiment.main([*command[:6], "3", *command[7:]]) == 2

@@ -8,6 +8,12 @@ Splits: ``<out>/splits/split-<k>.json`` is a random split with seed k (the paper
 train fraction and the subject ids, and a command with other values is refused (naming them) instead
 of reusing splits made for another question. A larger --splits adds splits to the same experiment.
 
+Cross-validation (``--folds K`` or ``--folds loo``): instead of random splits, the subjects are cut into
+K disjoint test groups that cover them (``<out>/splits/fold-<k>.json``; leave-one-out with ``loo``), each
+fold trained on all the other subjects; ``--train-always ID ...`` keeps subjects (e.g. a synthetic cohort
+beside a few real scans) in every training set and out of every test set. ``--seeds N`` trains every split
+or fold N times (seeds 0..N-1; runs ``<split>-seed-<s>``), and the statistics pair the runs by (fold, seed).
+
 Runs: each (method, split) trains with train.py in its own process (seed k) into
 ``<out>/runs/<method>/split-<k>/``. Every run is started with --resume: a finished run with the same
 options is reused, an unfinished one continues from its checkpoint, and a run made with other options
@@ -58,7 +64,7 @@ from .data.reading import read_json
 from .evaluation.report import differences_figure, network_cost, recorded_run, run_problems, write_report
 from .evaluation.figures import save_comparison
 from .model.unet import METHODS
-from .run import UsageError, check_split, random_split, read_split, write_json
+from .run import UsageError, check_split, fold_splits, random_split, read_split, write_json
 from .evaluation.stats import BASELINE
 
 #: the folder that holds the mslesion package: the child processes import it from there
@@ -87,6 +93,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _folds(text: str) -> int | str:
+    if text == "loo":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be 'loo' or a whole number >= 2, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(__doc__)
     parser.add_argument("--data", default=None, help="dataset folder; default: a synthetic cohort in the cache "
@@ -95,11 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subjects", type=int, default=43, help="synthetic cohort size without --data (default: 43)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help=f"methods to compare, each once; the paired statistics need {BASELINE} (default: all)")
-    parser.add_argument("--splits", type=_split_count, default=5,
+    parser.add_argument("--splits", type=_split_count, default=None,
                         help="random splits, >= 1; at least 6 for a Wilcoxon p that can fall below 0.05 (default: 5)")
-    parser.add_argument("--train-fraction", type=_fraction, default=PAPER_TRAIN_FRACTION,
+    parser.add_argument("--train-fraction", type=_fraction, default=None,
                         help="training fraction of the subjects, in (0, 1), leaving at least one test subject "
                         "(default: 20/43, the paper)")
+    parser.add_argument("--folds", type=_folds, default=None,
+                        help="cross-validation instead of random splits: K >= 2 disjoint test folds covering the "
+                        "subjects, or 'loo' (leave one out)")
+    parser.add_argument("--train-always", nargs="+", default=[], metavar="ID",
+                        help="with --folds: subjects in every training set and never tested (e.g. synthetic ones)")
+    parser.add_argument("--seeds", type=_split_count, default=1,
+                        help="trainings per split or fold, seeds 0..N-1 (default: 1: split k trains with seed k)")
     parser.add_argument("--out", default="runs/experiment", help="experiment folder (default: runs/experiment)")
     parser.add_argument("train_args", nargs="*", help="after '--': flags passed to every train.py run")
     add_data_options(parser)
@@ -117,6 +142,14 @@ def check_arguments(args: argparse.Namespace) -> None:
     twice = sorted({m for m in args.methods if args.methods.count(m) > 1})
     if twice:
         raise UsageError(f"--methods lists {', '.join(twice)} more than once; each method runs once per split")
+    if args.folds is not None:
+        given = [flag for flag, value in (("--splits", args.splits), ("--train-fraction", args.train_fraction))
+                 if value is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} with --folds: cross-validation makes its own splits (one per "
+                             "fold, tested on that fold); give one or the other")
+    elif args.train_always:
+        raise UsageError("--train-always needs --folds (random splits choose every subject's part)")
 
 
 def data_flags(args: argparse.Namespace) -> list[str]:
@@ -149,11 +182,15 @@ def _some(ids: Sequence[str]) -> str:
     return ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
 
 
+#: the split parameters a command can change, by the flag that sets them
+SPLIT_FLAGS = {"train_fraction": "--train-fraction", "folds": "--folds", "train_always": "--train-always"}
+
+
 def check_split_parameters(recorded: Mapping[str, Any], requested: Mapping[str, Any], source: Path) -> None:
-    """Refuse a command whose train fraction or subjects differ from the ones its splits were made with."""
-    found = []
-    if recorded.get("train_fraction") != requested["train_fraction"]:
-        found.append(f"--train-fraction: recorded {recorded.get('train_fraction')!r}, now {requested['train_fraction']!r}")
+    """Refuse a command whose split parameters (``SPLIT_FLAGS``) or subjects differ from the ones its splits
+    were made with."""
+    found = [f"{flag}: recorded {recorded.get(key)!r}, now {requested.get(key)!r}" for key, flag in SPLIT_FLAGS.items()
+             if recorded.get(key) != requested.get(key)]
     before, now = set(recorded.get("subjects", [])), set(requested["subjects"])
     if before - now:
         found.append(f"subjects no longer in the data: {_some(sorted(before - now))}")
@@ -197,19 +234,21 @@ def make_splits(ids: list[str], count: int, train_fraction: float, out: Path) ->
 # -------------------------------------------------------------------------------------------------- runs
 
 
-def run_one(method: str, split: Path, seed: int, data: str, run_dir: Path, train_args: Sequence[str]) -> dict[str, Any]:
-    """Train and evaluate one (method, split) in a child process; train.py reuses a finished run with the
+def run_one(method: str, name: str, split: Path, seed: int, data: str, run_dir: Path, train_args: Sequence[str]
+            ) -> dict[str, Any]:
+    """Train and evaluate one (method, split, seed) in a child process; train.py reuses a finished run with the
     same options and refuses one made with others.
 
     Returns:
-        The run's ``metrics.json`` with ``split`` (the split's name) and ``problems`` (``run_problems``).
+        The run's ``metrics.json`` with ``split`` (the run's name: the statistics pair runs by it) and
+        ``problems`` (``run_problems``).
     """
     # Split k trains with seed k (weights and crops): the spread over splits then includes the
     # spread over initialisations, which on small budgets is the larger one.
     command = [sys.executable, "-m", "mslesion.train", "--data", data, "--split", str(split), "--method", method,
                "--out", str(run_dir), "--resume", "--no-progress", "--val-every", "0", "--seed", str(seed),
                *train_args]
-    print(f"[{time.strftime('%H:%M:%S')}] {method} {split.stem}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {method} {name}", flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))}
     child = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     if child.returncode:
@@ -217,31 +256,74 @@ def run_one(method: str, split: Path, seed: int, data: str, run_dir: Path, train
         reason = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), None)
         if reason is None:  # a crash, not a usage error: show the traceback's end
             sys.stderr.write(child.stderr[-3000:])
-            raise UsageError(f"train.py failed for {method} {split.stem} (exit {child.returncode}); see above")
-        raise UsageError(f"{method} {split.stem} ({run_dir}): {reason}")
+            raise UsageError(f"train.py failed for {method} {name} (exit {child.returncode}); see above")
+        raise UsageError(f"{method} {name} ({run_dir}): {reason}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {**metrics, "split": split.stem, "problems": run_problems(run_dir, metrics)}
+    return {**metrics, "split": name, "problems": run_problems(run_dir, metrics)}
+
+
+def make_folds(ids: list[str], folds: int | str, always_train: Sequence[str], out: Path) -> list[Path]:
+    """Write (or keep and check) the cross-validation splits ``<out>/splits/fold-<k>.json`` (``run.fold_splits``),
+    with the record of the parameters beside them, as ``make_splits`` does for random splits."""
+    unknown = sorted(set(always_train) - set(ids))
+    if unknown:
+        raise UsageError(f"--train-always: {_some(unknown)} not in the data (it has {_some(sorted(ids))})")
+    count = len(ids) - len(set(always_train)) if folds == "loo" else int(folds)
+    splits = fold_splits(ids, count, always_train=always_train)
+    folder = out / "splits"
+    parameters = {"folds": folds, "train_always": sorted(always_train), "subjects": sorted(ids),
+                  "seeds": "fold-<k>.json: fold k of a permutation with seed 0"}
+    record = folder / SPLIT_PARAMETERS
+    if record.is_file():
+        check_split_parameters(read_json(record, "split record"), parameters, record)
+    elif any(folder.glob("*.json")):
+        raise UsageError(f"{folder} holds splits without {SPLIT_PARAMETERS}; choose another --out")
+    paths = [folder / f"fold-{k}.json" for k in range(count)]
+    for path, split in zip(paths, splits):
+        if path.is_file() and read_split(path) != split:
+            raise UsageError(f"{path} is not fold {path.stem} of these subjects; choose another --out")
+        write_json(path, split)
+    write_json(record, parameters)
+    return paths
+
+
+def plan_runs(splits: Sequence[Path], seeds: int) -> list[tuple[str, Path, int]]:
+    """Every run of one method as (run name, split file, seed): split k trains with seed k when ``seeds`` is
+    1 (the runs are named after their splits), else every split trains with seeds 0..seeds-1."""
+    if seeds == 1:
+        return [(split.stem, split, k) for k, split in enumerate(splits)]
+    return [(f"{split.stem}-seed-{s}", split, s) for split in splits for s in range(seeds)]
 
 
 # ------------------------------------------------------------------------------------------------ figure
 
 
-def comparison_figure(data: str, split: Path, methods: Sequence[str], out: Path) -> Path | None:
-    """Fig. 5-like PNG of the split's test subject with the most lesion voxels, read with the data options
-    the first method's model recorded."""
+def comparison_figure(data: str, run: tuple[str, Path, int], methods: Sequence[str], out: Path) -> Path | None:
+    """Fig. 5-like PNG of a run's (``plan_runs``) test subject with the most lesion voxels, read with the data
+    options the first method's model recorded."""
+    name, split, _ = run
     test = set(read_split(split)["test"])
-    _, _, options = recorded_run(out / "runs" / methods[0] / split.stem / "model.pt")
+    _, _, options = recorded_run(out / "runs" / methods[0] / name / "model.pt")
     cases = [options.load(p) for p in options.find(data) if p.id in test]
     shown = max(cases, key=lambda c: int(np.count_nonzero(c.label == 1)))
     predictions = {}
     for method in methods:
-        file = out / "runs" / method / split.stem / "predictions" / f"{shown.id}.npz"
+        file = out / "runs" / method / name / "predictions" / f"{shown.id}.npz"
         if file.is_file():
             predictions[method] = np.load(file)["mask"]
     if not predictions:
         return None
     flair = shown.modalities.index("flair") if "flair" in shown.modalities else 0
     return save_comparison(out / "figure.png", shown.image[flair], shown.label, predictions, title=shown.id)
+
+
+def choose_splits(args: argparse.Namespace, ids: list[str], out: Path) -> list[Path]:
+    """The split files of this experiment: cross-validation folds with ``--folds``, else random splits."""
+    if args.folds is not None:
+        return make_folds(ids, args.folds, args.train_always, out)
+    args.train_fraction = PAPER_TRAIN_FRACTION if args.train_fraction is None else args.train_fraction
+    check_test_subjects(ids, args.train_fraction)
+    return make_splits(ids, 5 if args.splits is None else args.splits, args.train_fraction, out)
 
 
 @command
@@ -259,16 +341,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         return list_cases(data, options, require_mask=True)
     ids = [p.id for p in options.find(data)]
-    check_test_subjects(ids, args.train_fraction)
-    splits = make_splits(ids, args.splits, args.train_fraction, out)
+    splits = choose_splits(args, ids, out)
     train_args = [*data_flags(args), *args.train_args]
-    summary = {"data": data, "train_args": train_args, "train_fraction": args.train_fraction}
+    summary = {"data": data, "train_args": train_args, "train_fraction": args.train_fraction, "folds": args.folds,
+               "train_always": args.train_always, "seeds": args.seeds}
     results: dict[str, list[dict[str, Any]]] = {}
     costs: dict[str, dict[str, Any]] = {}
     for method in args.methods:
-        for seed, split in enumerate(splits):
-            run_dir = out / "runs" / method / split.stem
-            results.setdefault(method, []).append(run_one(method, split, seed, data, run_dir, train_args))
+        for name, split, seed in plan_runs(splits, args.seeds):
+            run_dir = out / "runs" / method / name
+            results.setdefault(method, []).append(run_one(method, name, split, seed, data, run_dir, train_args))
             if method not in costs:
                 costs[method] = network_cost(run_dir / "model.pt")
             # Rewrite the report after every run, so a long experiment can be read while it goes.
@@ -276,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     written = [("table", out / "table.md"), ("results", out / "results.json"),
                ("paired differences", differences_figure(results, out)),
-               ("figure", comparison_figure(data, splits[0], args.methods, out))]
+               ("figure", comparison_figure(data, plan_runs(splits, args.seeds)[0], args.methods, out))]
     print("\n".join(f"{name}: {path}" for name, path in written if path is not None))
     return 0
 

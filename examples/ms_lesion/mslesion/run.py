@@ -71,6 +71,21 @@ def random_split(ids: Sequence[str], test_fraction: float, seed: int) -> dict[st
     return {"train": sorted(ids[i] for i in order[n_test:]), "test": test}
 
 
+def fold_splits(ids: Sequence[str], folds: int, *, always_train: Sequence[str] = (), seed: int = 0
+                ) -> list[dict[str, list[str]]]:
+    """K-fold cross-validation splits: the subjects of ``ids`` not in ``always_train``, in a seeded random
+    order, cut into ``folds`` near-equal groups; split k tests group k and trains on every other subject
+    (``always_train`` included). The test groups are disjoint and cover the rotating subjects; with
+    ``folds`` equal to their number this is leave-one-out."""
+    rotating = [i for i in ids if i not in set(always_train)]
+    if not 2 <= folds <= len(rotating):
+        raise UsageError(f"--folds {folds}: need 2 to {len(rotating)} folds (the subjects that rotate into the test "
+                         f"set: {len(rotating)})")
+    order = [rotating[i] for i in np.random.default_rng(seed).permutation(len(rotating))]
+    groups = [sorted(order[k::folds]) for k in range(folds)]
+    return [{"train": sorted(set(ids) - set(test)), "test": test} for test in groups]
+
+
 def read_split(path: str | Path) -> dict[str, list[str]]:
     """A split file ``{"train": [ids], "test": [ids]}``; a missing, unreadable or malformed file is an error."""
     split = read_json(Path(path), "split file")

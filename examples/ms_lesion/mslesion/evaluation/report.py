@@ -148,6 +148,27 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_run_table(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """Markdown rows: every run (split or fold and seed) with its test subjects and each method's sample Dice and
+    predicted/reference lesion volume, then the worst and the mean run per method (settings are chosen by the
+    worst seed, not the best)."""
+    methods = list(results)
+    names = list(dict.fromkeys(r["split"] for runs in results.values() for r in runs))
+    by_run = {m: {r["split"]: r for r in runs if "summary" in r} for m, runs in results.items()}
+    lines = ["| Run | Test subjects | " + " | ".join(f"{m} Dice (volume)" for m in methods) + " |",
+             "|" + "---|" * (len(methods) + 2)]
+    for name in names:
+        test = next((r.get("test", []) for m in methods for r in [by_run[m].get(name, {})] if r), [])
+        cells = [f"{r['summary']['sample_dice']:.3f} ({r['summary'].get('voxel_volume_ratio', float('nan')):.2f}×)"
+                 if (r := by_run[m].get(name)) else "" for m in methods]
+        lines.append(f"| {name} | {', '.join(test)} | " + " | ".join(cells) + " |")
+    for label, pick in (("worst", min), ("mean", lambda v: float(np.mean(v)))):
+        cells = [f"{pick(d):.3f}" if (d := [r["summary"]["sample_dice"] for r in by_run[m].values()]) else ""
+                 for m in methods]
+        lines.append(f"| **{label}** | | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def paired_table(comparisons: Mapping[str, Mapping[str, PairedComparison]]) -> str:
     """Markdown rows: per method, the pairs, and per metric the mean difference [95 % t interval] and p."""
     header = ["Method", "Pairs"]
@@ -205,7 +226,9 @@ def health_section(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
 
 def report(results: dict[str, list[dict[str, Any]]], costs: Mapping[str, Mapping[str, Any]]) -> str:
     """``table.md``: the table, the paired statistics (all runs; then without flagged pairs), cost, health."""
-    parts = [table(results), f"\n## Paired differences against {BASELINE} (same splits)\n\n"]
+    parts = [table(results), "\n## Every run\n\nSample Dice of the run's test subjects (predicted/reference lesion "
+             "volume, all voxels pooled).\n\n", per_run_table(results),
+             f"\n## Paired differences against {BASELINE} (same splits)\n\n"]
     comparisons = paired_comparisons(results)
     if any(comparisons.values()):
         parts += [paired_table(comparisons), "\nΔ: method − " + BASELINE + " in points, mean over the splits both "
