@@ -16,3 +16,11 @@ def one_error_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in err, err
     return err
+
+
+def exit_code(main, argv: list[str]) -> int:
+    """What a command's ``main`` returns, or the status argparse exits with."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code

@@ -18,9 +18,10 @@ from mslesion import experiment
 from mslesion import make_cohort as make_cohort_cli
 from mslesion import predict
 from mslesion import train
+from mslesion.checkpoint import read
 from mslesion.data.reading import default_roles, find_cases
 from mslesion.synthetic.cohort import make_cohort
-from cli_checks import one_error_line
+from cli_checks import exit_code, one_error_line
 
 EXAMPLE = Path(train.__file__).resolve().parents[1]  # the folder a user copies
 TINY = ["--preset", "demo", "--filters", "tiny", "--crop", "16", "32", "32", "--batch-size", "2", "--no-progress",
@@ -127,8 +128,8 @@ def test_a_brain_mask_given_as_lesion_mask_is_refused_before_training(cohort: Pa
 
 def test_patterns_and_label2_are_recorded_and_used_downstream(foreground_run: Path, cohort: Path,
                                                               tmp_path: Path) -> None:
-    meta = torch.load(foreground_run / "model.pt", weights_only=False)
-    assert meta["training"]["data_options"] == {"layout": "auto", "modalities": ["t1", "t2", "flair"], "patterns": {},
+    recorded = read(foreground_run / "model.pt").record.training
+    assert recorded.data_options.record() == {"layout": "auto", "modalities": ["t1", "t2", "flair"], "patterns": {},
                                                 "label2": "ignore", "resample": False, "normalisation": "foreground"}
     # evaluate.py has --label2 and reads the recorded value by default.
     assert evaluate.main(["--checkpoint", str(foreground_run / "model.pt"), "--data", str(cohort), "--out",
@@ -152,8 +153,8 @@ def test_modalities_flag_takes_the_documented_comma_list(cohort: Path, tmp_path:
     out = tmp_path / "ft"
     assert train.main(["--data", str(cohort), "--modalities", "flair,t1", "--iterations", "1", "--test-fraction",
                        "0.25", "--out", str(out), *TINY]) == 0
-    meta = torch.load(out / "model.pt", weights_only=False)
-    assert meta["training"]["data_options"]["modalities"] == ["flair", "t1"] and meta["config"]["in_channels"] == 2
+    recorded = read(out / "model.pt").record.training
+    assert recorded.data_options.modalities == ("flair", "t1") and recorded.network_config["in_channels"] == 2
 
 
 def test_experiment_passes_data_options_to_training_splits_and_figure(cohort: Path, tmp_path: Path,
@@ -162,8 +163,7 @@ def test_experiment_passes_data_options_to_training_splits_and_figure(cohort: Pa
     command = ["--data", str(cohort), "--methods", "unet", "--splits", "1", "--train-fraction", "0.5", "--out",
                str(out), "--modalities", "flair", "t1", "--", "--iterations", "1", *TINY]
     assert experiment.main(command) == 0
-    meta = torch.load(out / "runs" / "unet" / "split-0" / "model.pt", weights_only=False)
-    assert meta["training"]["data_options"]["modalities"] == ["flair", "t1"]
+    assert read(out / "runs" / "unet" / "split-0" / "model.pt").record.training.data_options.modalities == ("flair", "t1")
     assert (out / "figure.png").is_file()
     stamp = (out / "runs" / "unet" / "split-0" / "model.pt").stat().st_mtime_ns
     assert experiment.main(command) == 0  # the same command reuses the finished run
@@ -205,7 +205,7 @@ def test_a_brain_mask_model_refuses_scans_without_their_brain_mask(cohort: Path,
     out = tmp_path / "bm"
     assert train.main(["--data", str(cohort), "--iterations", "1", "--test-fraction", "0.25", "--out", str(out),
                        "--normalisation", "brain-mask", *TINY]) == 0
-    assert torch.load(out / "model.pt", weights_only=False)["training"]["data_options"]["normalisation"] == "brain-mask"
+    assert read(out / "model.pt").record.training.data_options.normalisation == "brain-mask"
     capsys.readouterr()
     without = copy_subjects(cohort, tmp_path / "b", ("t1", "t2", "flair"))
     assert predict.main(["--checkpoint", str(out / "model.pt"), "--data", str(without), "--out",
@@ -274,7 +274,7 @@ def test_resume_compares_every_option_that_changes_the_result(cohort: Path, tmp_
     one_error_line(capsys, "--method: recorded 'rsa-010', now 'ncl-010'")
     # Options that cannot change the result may differ.
     assert train.main([*args, "--resume", "--checkpoint-every", "3"]) == 0
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 4
+    assert read(out / "checkpoint.pt").state.iteration == 4
 
 
 def test_resume_keeps_the_iterations_a_poly_schedule_depends_on(cohort: Path, tmp_path: Path,
@@ -332,14 +332,6 @@ def test_user_mistakes_are_one_error_line_before_any_work(cohort: Path, tmp_path
     assert exit_code(train.main, args) == 2
     one_error_line(capsys, fragment)
     assert not (tmp_path / "run").exists()
-
-
-def exit_code(main, args: list[str]) -> int:
-    """What the script returns, or the status argparse exits with."""
-    try:
-        return main(args)
-    except SystemExit as exit:
-        return exit.code
 
 
 def test_empty_training_masks_are_refused(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -17,6 +17,7 @@ from mslesion import evaluate
 from mslesion import predict
 from mslesion import train
 from mslesion.training import loop as training
+from mslesion.checkpoint import read
 from mslesion.config import RUN_FIELDS, TrainingConfig
 from mslesion.data.reading import DataOptions
 from mslesion.training.monitor import ALIVE_EFFECT
@@ -51,15 +52,15 @@ def test_the_config_is_frozen_recorded_whole_and_read_back(cohort: Path, trained
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.lr = 1.0  # type: ignore[misc]
     assert TrainingConfig.from_record(json.loads(json.dumps(config.record()))) == config
-    recorded = torch.load(trained / "model.pt", weights_only=False)["training"]
-    assert TrainingConfig.from_record(recorded).iterations == 2
-    assert json.loads((trained / "metrics.json").read_text())["training"] == recorded
+    recorded = read(trained / "model.pt").record.training
+    assert recorded.iterations == 2
+    assert json.loads((trained / "metrics.json").read_text())["training"] == recorded.record()
 
 
 def test_equal_values_written_differently_are_the_same_config(cohort: Path) -> None:
     a = config_of(["--data", str(cohort), "--out", "x", *TINY])
     b = config_of(["--data", str(cohort) + "/", "--out", "x", *TINY[:2], "--filters", "4,8,16,32,64", *TINY[4:]])
-    assert a == b and not a.resume_differences(b.record())
+    assert a == b and not a.resume_differences(b)
 
 
 def test_resume_ignores_only_the_fields_that_cannot_change_the_weights(cohort: Path) -> None:
@@ -67,8 +68,8 @@ def test_resume_ignores_only_the_fields_that_cannot_change_the_weights(cohort: P
     assert {"threads", "progress", "checkpoint_every", "out"} <= RUN_FIELDS
     assert not {"seed", "lr", "crop", "filters", "data_options", "method", "loss_weights"} & RUN_FIELDS
     changed = dataclasses.replace(config, threads=1, progress=True, checkpoint_every=7, out="elsewhere")
-    assert config.resume_differences(changed.record()) == []
-    assert config.resume_differences(dataclasses.replace(config, seed=3).record()) == ["--seed: recorded 3, now 0"]
+    assert config.resume_differences(changed) == []
+    assert config.resume_differences(dataclasses.replace(config, seed=3)) == ["--seed: recorded 3, now 0"]
 
 
 def test_a_split_file_with_another_key_is_refused(tmp_path: Path) -> None:
@@ -157,7 +158,7 @@ def test_resume_refuses_training_files_that_changed_on_disk(cohort: Path, tmp_pa
     shutil.copytree(cohort, data)
     args = ["--data", str(data), "--iterations", "3", "--test-fraction", "0.5", "--out", str(tmp_path / "run"), *TINY]
     assert train.main([*args, "--stop-at", "1", "--checkpoint-every", "1"]) == 0
-    train_id = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["split"]["train"][0]
+    train_id = read(tmp_path / "run" / "checkpoint.pt").record.split["train"][0]
     flair = nib.load(data / train_id / "flair.nii.gz")
     nib.save(nib.Nifti1Image(np.asanyarray(flair.dataobj) * 1.5, flair.affine), data / train_id / "flair.nii.gz")
     capsys.readouterr()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mslesion import train
+from mslesion.checkpoint import read
 from mslesion.synthetic.cohort import make_cohort
 
 TRAIN = Path(__file__).resolve().parents[2] / "examples" / "ms_lesion" / "train.py"
@@ -35,10 +36,9 @@ def test_two_process_ddp_matches_one_process(loss: str, tmp_path: Path) -> None:
     single = subprocess.run([sys.executable, str(TRAIN), *args, "--out", str(tmp_path / "single")],
                             capture_output=True, text=True, timeout=120)
     assert single.returncode == 0, single.stderr[-3000:]
-    a = torch.load(tmp_path / "ddp" / "model.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "single" / "model.pt", weights_only=False)["model"]
-    moved = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
-    assert moved["iteration"] == 6
+    a = read(tmp_path / "ddp" / "model.pt").weights
+    b = read(tmp_path / "single" / "model.pt").weights
+    assert read(tmp_path / "ddp" / "checkpoint.pt").state.iteration == 6
     for name, value in a.items():
         torch.testing.assert_close(value, b[name], rtol=0, atol=1e-4, msg=name)
 

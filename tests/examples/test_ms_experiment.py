@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from mslesion import experiment
 from mslesion.evaluation import report as experiment_report
+from mslesion.checkpoint import RunRecord, write_model
 from mslesion.config import TrainingConfig
 from mslesion.data.reading import DataOptions
-from mslesion.model.unet import model_config
 from mslesion.run import UsageError, fold_splits, random_split, write_json
 from sliceattn import cost
 from cli_checks import one_error_line
@@ -165,7 +164,7 @@ def test_flops_count_the_attention_blocks_custom_autograd_functions(tmp_path: Pa
         training = TrainingConfig(data="d", data_options=DataOptions(), preset="demo", iterations=1, batch_size=1,
                                   crop=(16, 32, 32), filters=(4, 8, 16, 32, 64), lesion_crop_fraction=0.0,
                                   val_every=0, lr_schedule="constant", out="o", device="cpu", method=method)
-        torch.save({"config": model_config(method, filters="tiny"), "model": {}, "training": training.record()}, path)
+        write_model(path, RunRecord(training, 0.01, {"train": [], "test": []}, {}, {}), {})
         costs[method] = experiment_report.network_cost(path)
     bottom = cost.unet_shapes((16, 32, 32), filters=(4, 8, 16, 32, 64))[-1]
     assert costs["rsa-010"]["forward_flops"] - costs["unet"]["forward_flops"] == cost.rsa_cost(bottom).forward > 0

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from mslesion import predict
+from mslesion import cli, predict
 from mslesion.training import runtime
 from mslesion import train
 from mslesion.training import loop as training
@@ -174,6 +174,27 @@ def test_attention_figure_reads_the_rsa_maps_around_the_largest_lesion(tmp_path:
         lesion_attention(build_model("unet", filters="tiny"), case, (16, 32, 32))
 
 
+def test_inference_keeps_the_callers_save_attention() -> None:
+    # lesion_attention switches the maps on for its one forward pass, then restores what the caller had.
+    from mslesion.data.reading import Case
+    from mslesion.inference.sliding_window import lesion_attention
+    from mslesion.model.unet import build_model
+
+    label = np.zeros((16, 32, 32), np.uint8)
+    label[8, 10:12, 10:12] = 1
+    case = Case("c", np.random.default_rng(0).normal(size=(3, 16, 32, 32)).astype(np.float32), label,
+                np.ones(label.shape, bool), (3.0, 1.0, 1.0), ("t1", "t2", "flair"))
+    model = build_model("rsa-010", filters="tiny").eval()
+    for keep in (True, False):
+        model.bottom_attention.save_attention = keep
+        lesion_attention(model, case, (16, 32, 32))
+        segment(model, case.image, (16, 32, 32))
+        assert model.bottom_attention.save_attention is keep
+    model.bottom_attention.save_attention = True
+    segment(model, case.image, (16, 32, 32))
+    assert len(model.bottom_attention.attention_maps) == 3  # the caller's maps: the last tile's
+
+
 # ------------------------------------------------------------------------------------------ presets, runtime
 
 
@@ -198,7 +219,7 @@ def test_default_preset_follows_data_and_device(tmp_path: Path, capsys: pytest.C
     assert configured([])[0].preset == "demo"
     config, why = configured(["--data", str(tmp_path), "--device", "cpu"])
     assert config.preset == "cpu" and "--data on the CPU" in why and config.filters == FILTER_PRESETS["half"]
-    assert train.choose_preset(None, True, "cuda")[0] == "paper"
+    assert cli.choose_preset(None, True, "cuda")[0] == "paper"
     with pytest.raises(SystemExit):
         train.build_parser().parse_args(["--help"])
     text = capsys.readouterr().out

@@ -12,7 +12,8 @@ import torch
 from mslesion import evaluate
 from mslesion import predict
 from mslesion import train
-from mslesion.model.unet import METHODS, build_model, load_trained
+from mslesion.checkpoint import load_trained, read
+from mslesion.model.unet import METHODS, build_model, parse_method
 from mslesion.run import UsageError
 from sliceattn import NonLocal3d, RecurrentSliceAttention3d
 
@@ -81,8 +82,8 @@ def test_training_writes_the_run_folder(rsa_run: Path) -> None:
     assert metrics["method"] == "rsa-010" and 0.0 <= metrics["summary"]["sample_dice"] <= 1.0
     assert len(metrics["test"]) == 2 and not set(metrics["test"]) & set(metrics["train"])
     assert (rsa_run / "figure.png").read_bytes()[:4] == b"\x89PNG"
-    model, meta = load_trained(rsa_run / "model.pt")
-    assert meta["training"]["crop"] == [16, 32, 32] and isinstance(model.bottom_attention, RecurrentSliceAttention3d)
+    model, saved = load_trained(rsa_run / "model.pt")
+    assert saved.record.training.crop == (16, 32, 32) and isinstance(model.bottom_attention, RecurrentSliceAttention3d)
 
 
 @pytest.mark.parametrize("extra", [[], ["--ema", "0.5", "--loss", "dice-ce"]], ids=["final", "ema-dice-ce"])
@@ -92,15 +93,16 @@ def test_resume_equals_uninterrupted(cohort: Path, tmp_path: Path, extra: list[s
     train.main([*common, "--out", str(tmp_path / "whole")])
     train.main([*common, "--out", str(tmp_path / "killed"), "--stop-at", "2"])
     assert not (tmp_path / "killed" / "model.pt").exists()
-    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    assert read(tmp_path / "killed" / "checkpoint.pt").state.iteration == 2
     train.main([*common, "--out", str(tmp_path / "killed"), "--resume"])
-    whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=False)["model"]
-    resumed = torch.load(tmp_path / "killed" / "model.pt", weights_only=False)["model"]
+    whole = read(tmp_path / "whole" / "model.pt").weights
+    resumed = read(tmp_path / "killed" / "model.pt").weights
     for name, value in whole.items():
         assert torch.equal(value, resumed[name]), name
-    if extra:  # model.pt holds the moving average, the checkpoint the last weights
-        last = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
-        assert not all(torch.equal(value, last[name]) for name, value in whole.items())
+    if extra:  # model.pt holds the moving average; the checkpoint holds it too, and the last weights to resume
+        last = read(tmp_path / "whole" / "checkpoint.pt")
+        assert all(torch.equal(value, last.weights[name]) for name, value in whole.items())
+        assert not all(torch.equal(value, last.state.network[name]) for name, value in whole.items())
     losses = [line.split(",")[1] for line in (tmp_path / "whole" / "log.csv").read_text().splitlines()]
     assert losses == [line.split(",")[1] for line in (tmp_path / "killed" / "log.csv").read_text().splitlines()]
 
@@ -142,8 +144,17 @@ def test_predict_writes_masks_in_the_original_geometry(rsa_run: Path, cohort: Pa
     assert mask.get_data_dtype() == np.uint8 and set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
 
 
-def test_every_method_name_builds() -> None:
-    assert len(METHODS) == 7 and all(build_model(m, filters="tiny") is not None for m in METHODS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_name_builds_its_blocks_at_its_placement(method: str) -> None:
+    kind, placement = parse_method(method)
+    model = build_model(method, filters="tiny")
+    sites = (model.encoder_attention, model.bottom_attention, model.decoder_attention)
+    block = {None: torch.nn.Identity, "rsa": RecurrentSliceAttention3d, "nonlocal": NonLocal3d}[kind]
+    # The name's three bits are the encoder, bottom and decoder sites; the other sites stay the identity.
+    assert "".join("0" if isinstance(site, torch.nn.Identity) else "1" for site in sites) == placement
+    assert all(isinstance(site, block if bit == "1" else torch.nn.Identity) for site, bit in zip(sites, placement))
+    assert sum(isinstance(m, (RecurrentSliceAttention3d, NonLocal3d)) for m in model.modules()) == placement.count("1")
+    assert model(torch.randn(1, 3, 16, 32, 32)).shape == (1, 2, 16, 32, 32)
 
 
 def test_experiment_table_has_table1_columns_and_mean_std() -> None:

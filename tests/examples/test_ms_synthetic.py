@@ -138,6 +138,29 @@ def test_make_cohort_writes_loads_caches_and_montage(tmp_path, capsys):
     assert json.loads((out / "cohort.json").read_text())["params"]["seed"] == 4
 
 
+def test_a_write_that_fails_midway_leaves_no_half_cohort_file(tmp_path, monkeypatch):
+    # Every file goes through save_atomically: a kill while writing leaves the old file or none, never a part.
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+    from mslesion.synthetic import cohort
+
+    def half_then_killed(path: Path) -> None:
+        Path(path).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cohort.nib, "save", lambda image, path: half_then_killed(path))
+    with pytest.raises(KeyboardInterrupt):
+        make_cohort(tmp_path / "nifti", subjects=1, preset="small", seed=0, montage=False)
+    assert not [p for p in (tmp_path / "nifti").rglob("*") if p.is_file()]
+    monkeypatch.undo()
+    monkeypatch.setattr(Figure, "savefig", lambda figure, path, **options: half_then_killed(path))
+    with pytest.raises(KeyboardInterrupt):
+        make_cohort(tmp_path / "montage", subjects=1, preset="small", seed=0, montage=True)
+    assert (tmp_path / "montage" / "sub-001" / "flair.nii.gz").is_file()
+    assert not (tmp_path / "montage" / "montage.png").exists() and not (tmp_path / "montage" / "cohort.json").exists()
+
+
 def test_make_cohort_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     (tmp_path / "scans" / "patient01").mkdir(parents=True)
     (tmp_path / "scans" / "patient01" / "flair.nii.gz").write_bytes(b"a user's scan")

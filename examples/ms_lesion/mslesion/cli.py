@@ -1,14 +1,17 @@
-"""Command-line plumbing the scripts share: the data and inference options, devices, and error lines.
+"""Command-line plumbing the scripts share: the data, inference and training options, devices, and error lines.
 
 Every script that reads data takes the same data options (``add_data_options``); ``train.py`` records
 the resolved values with the model, and ``evaluate.py``/``predict.py``/``experiment.py`` start from the
-recorded values (``data_options``). A user mistake is one ``error: ...`` line on stderr and exit
-status 2 (``command``), checked before any long work starts.
+recorded values (``data_options``). ``train.py``'s options (``add_training_arguments``) and
+``make_config``, which turns them into the one ``TrainingConfig`` through ``config.FLAGS``, are here
+because ``experiment.py`` makes each of its runs' configuration with them too. A user mistake is one
+``error: ...`` line on stderr and exit status 2 (``command``), checked before any long work starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -16,10 +19,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .data.reading import LABEL2_MODES, LAYOUTS, MODALITIES, NNUNET_IMAGES, NORMALISATIONS, DataError, DataOptions, describe, parse_patterns, resolve_layout
+from .config import FLAGS, LR_SCHEDULES, PRESETS, TrainingConfig, parse_attention_scale, parse_filters
+from .data.augment import AUGMENTATIONS
+from .data.reading import CENTRES, LABEL2_MODES, LAYOUTS, MODALITIES, NNUNET_IMAGES, NORMALISATIONS, DataError, DataOptions, describe, parse_patterns, resolve_layout
 from .inference.sliding_window import DEFAULT_OVERLAP, DEFAULT_THRESHOLD
 from .inference.lesions import DEFAULT_MIN_LESION_MM3
+from .model.loss import LOSSES, WEIGHTINGS
+from .model.unet import FILTER_PRESETS, METHODS
 from .run import UsageError
+from .training.runtime import AMP_CHOICES, select_device
 
 class Parser(argparse.ArgumentParser):
     """argparse with whole option names only (no silent abbreviations) and a one-line ``error:`` message."""
@@ -30,10 +38,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-# The data options' attribute names, for scripts that forward or compare them.
-DATA_OPTIONS: tuple[str, ...] = ("layout", "modalities", "pattern", "label2", "resample", "normalisation")
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -201,3 +205,151 @@ def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python's documented recipe)
             return 0
     return wrapped
+
+
+# ------------------------------------------------------------------------------------- training options
+
+
+# Each default lives in TrainingConfig (or PRESETS); the parser's defaults are None, "not given".
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingConfig) if f.default is not dataclasses.MISSING}
+
+
+def _default(name: str) -> str:
+    return f"(default: {DEFAULTS[name]})"
+
+
+def _preset_default(key: str) -> str:
+    show = (lambda v: " ".join(map(str, v))) if isinstance(PRESETS["paper"][key], tuple) else str
+    return "(default: from --preset: " + ", ".join(f"{name} {show(v[key])}" for name, v in PRESETS.items()) + ")"
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``train.py``: ``experiment.py`` parses its flags after '--' with them too."""
+    parser.add_argument("--data", default=None, help="dataset folder (subject folders or nnU-Net layout); "
+                        "default: generate the synthetic demo cohort in the cache and train the demo preset")
+    parser.add_argument("--split", dest="split_file", default=None, help="split JSON {'train': [ids], 'test': [ids]} (experiment.py "
+                        "writes these); default: a random split with --test-fraction")
+    parser.add_argument("--test-fraction", type=float, default=None,
+                        help="held-out fraction of subjects when no --split is given (default: 23/43, the paper)")
+    add_data_options(parser)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="the values below that are not given (see the table above; default: demo without "
+                        "--data, else paper on CUDA and cpu on the CPU)")
+    add_model_options(parser.add_argument_group("model"))
+    add_training_options(parser.add_argument_group("training"))
+    add_run_options(parser.add_argument_group("run"))
+
+
+def add_model_options(model: argparse._ArgumentGroup) -> None:
+    """``--method --filters --attention-scale``."""
+    model.add_argument("--method", choices=METHODS, default=None, help=f"network {_default('method')}")
+    model.add_argument("--filters", default=None, help=f"filter preset {sorted(FILTER_PRESETS)} or comma-separated "
+                       f"ints {_preset_default('filters')}")
+    model.add_argument("--attention-scale", default=None, help="RSA logit scale: none (the paper), 'auto' "
+                       "(1/sqrt(C*H*W)) or a positive float (default: none)")
+
+
+def add_training_options(train: argparse._ArgumentGroup) -> None:
+    """The optimisation: iterations, batch, crops, learning rate, decay, loss, seed."""
+    train.add_argument("--iterations", type=int, default=None, help=f"optimiser steps {_preset_default('iterations')}")
+    train.add_argument("--batch-size", type=int, default=None,
+                       help=f"crops per step, over all processes {_preset_default('batch_size')}")
+    train.add_argument("--crop", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                       help=f"crop size, also the inference tile; multiples of 16 {_preset_default('crop')}")
+    train.add_argument("--lr", type=float, default=None, help=f"Adam learning rate {_default('lr')}")
+    train.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None, help="constant, or nnU-Net's polynomial "
+                       f"decay lr*(1-i/iterations)^0.9 {_preset_default('lr_schedule')}")
+    train.add_argument("--weight-decay", type=float, default=None, help=f"Adam weight decay {_default('weight_decay')}")
+    train.add_argument("--attention-weight-decay", type=float, default=None,
+                       help="Adam weight decay of the attention blocks; the paper's 1e-5 collapses an RSA block "
+                       f"that starts as the identity (docs/ms_lesion_training.md) {_default('attention_weight_decay')}")
+    train.add_argument("--loss-weights", choices=WEIGHTINGS, default=None,
+                       help="cross-entropy class weights: 'swapped' (lesion e^(1-r)/..., measured better, see "
+                       "docs/ms_lesion_training.md), 'literal' (the paper's formula as printed) or 'none' "
+                       f"{_default('loss_weights')}")
+    train.add_argument("--loss", choices=LOSSES, default=None,
+                       help="ce: the paper's class-weighted cross-entropy; dice-ce: nnU-Net's soft Dice of the lesion "
+                       f"class plus that cross-entropy {_default('loss')}")
+    train.add_argument("--lesion-crop-fraction", type=float, default=None, help="probability that a crop is centred "
+                       f"on a lesion voxel {_preset_default('lesion_crop_fraction')}")
+    train.add_argument("--crop-centre", choices=CENTRES, default=None,
+                       help=f"other crops are centred on a random brain voxel or anywhere {_default('crop_centre')}")
+    train.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                       help="augmentation of each crop (batchgeneratorsv2): none (the paper's plain random crops), "
+                       "light (mirroring, intensity), default (nnU-Net's default transforms), heavy (more often, "
+                       f"stronger, elastic) {_preset_default('augment')}")
+    train.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                       help="keep an exponential moving average of the weights with this decay (e.g. 0.98) and "
+                       f"save and evaluate it instead of the last weights; 0 = the last weights {_default('ema')}")
+    train.add_argument("--no-prior-start", dest="prior_start", action="store_const", const=False, default=None,
+                       help="start the output layer at p(lesion) = 0.5 instead of at the weighted lesion prior "
+                       "(the prior start is a departure from the paper that saves hundreds of iterations)")
+    train.add_argument("--seed", type=int, default=None, help=f"seed of the weights, the crops and the split "
+                       f"{_default('seed')}")
+
+
+def add_run_options(run: argparse._ArgumentGroup) -> None:
+    """Where the run goes and how it runs: folder, resume, checkpoints, validation, device, threads."""
+    run.add_argument("--out", default=None, help="run folder (default: runs/<method>)")
+    run.add_argument("--resume", action="store_const", const=True, default=None,
+                     help="continue from <out>/checkpoint.pt (same options)")
+    run.add_argument("--overwrite", action="store_const", const=True, default=None,
+                     help="replace the run in --out (removes only the files a run writes)")
+    run.add_argument("--checkpoint-every", type=int, default=None,
+                     help=f"iterations between checkpoints {_default('checkpoint_every')}")
+    run.add_argument("--val-every", type=int, default=None, help="iterations between evaluations of the held-out "
+                     f"subjects, 0 = only at the end {_preset_default('val_every')}")
+    add_inference_options(run)
+    add_runtime_options(run)
+    run.add_argument("--amp", choices=AMP_CHOICES, default=None, help="CUDA autocast dtype; auto = bf16 where "
+                     f"supported, else fp16; ignored on CPU {_default('amp')}")
+    run.add_argument("--stop-at", type=int, default=None,
+                     help="stop after this iteration as if killed (checkpoint written): for testing --resume")
+    run.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
+                     help="no progress bar")
+
+
+def choose_preset(preset: str | None, data_given: bool, device_type: str) -> tuple[str, str]:
+    """The preset of a run and why: ``--preset``, else demo without ``--data``, else by the device."""
+    if preset is not None:
+        return preset, "--preset"
+    if not data_given:
+        return "demo", "no --data: the synthetic demo"
+    if device_type == "cuda":
+        return "paper", "--data on CUDA: the paper's protocol"
+    return "cpu", "--data on the CPU: the CPU preset (--preset paper for the paper's protocol, about 9 h here)"
+
+
+def make_config(args: argparse.Namespace, options: DataOptions | None = None) -> tuple[TrainingConfig, str]:
+    """The run's one configuration from the parsed flags, the preset and the environment, and why that preset.
+
+    Every field comes from ``config.FLAGS``: the derived ones below, the others as given (None: not given,
+    then the preset's value or the field's default).
+
+    Args:
+        args: ``add_training_arguments``' flags, parsed.
+        options: the data options, where the caller read them already (``experiment.py``); default: from ``args``.
+
+    Raises:
+        UsageError: a value that cannot work, named by its flag.
+    """
+    device = select_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    preset, why = choose_preset(args.preset, args.data is not None, device.type)
+    if args.data is None:
+        from .synthetic.cohort import default_cache_dir  # only the demo needs the generator
+
+        data, demo = default_cache_dir() / "demo-cohort", True
+    elif not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data} does not exist or is not a folder")
+    else:
+        data, demo = Path(args.data), False
+    derived = {
+        "data": str(data.resolve()), "demo_cohort": demo, "data_options": options or data_options(args),
+        "preset": preset, "device": str(device), "filters": parse_filters(args.filters or PRESETS[preset]["filters"]),
+        "attention_scale": parse_attention_scale(args.attention_scale),
+        "out": args.out or str(Path("runs") / (args.method or DEFAULTS["method"])),
+        "malloc_tuning": not args.no_malloc_tuning,
+    }
+    given = {key: getattr(args, key) for key in FLAGS if key.split(".")[0] not in derived}
+    values = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}, **derived}
+    return TrainingConfig(**{**values, "crop": tuple(values["crop"])}), why

@@ -1,11 +1,12 @@
-"""The training configuration: every value a run uses, resolved once by ``train.py`` and recorded whole.
+"""The training configuration: every value a run uses, resolved once and recorded whole.
 
-``train.py`` parses the command line, fills the preset's values, chooses the device and the demo
-cohort, and builds one frozen ``TrainingConfig``; ``training.run_training`` takes that object and
-nothing else. Checkpoints store ``TrainingConfig.record()`` under ``"training"``; ``evaluate.py``,
-``predict.py`` and ``experiment.py`` read the crop and the data options from there
-(``recorded_config``). ``--resume`` compares every field except ``RUN_FIELDS``, the short list of
-values that cannot change the trained weights.
+``cli.make_config`` (``train.py``, ``experiment.py``) parses the command line, fills the preset's values,
+chooses the device and the demo cohort, and builds one frozen ``TrainingConfig``;
+``training.run_training`` takes that object and nothing else. ``FLAGS`` is the one list of its fields,
+each with the flag that sets it: ``make_config`` fills every field from it, and the checks and the
+``--resume`` differences name the flags through it. Checkpoints (``checkpoint.py``) store
+``TrainingConfig.record()`` under ``"training"``. ``--resume`` compares every field except
+``RUN_FIELDS``, the short list of values that cannot change the trained weights.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .data.augment import AUGMENTATIONS
 from .data.reading import CENTRES, DataOptions
 from .inference.sliding_window import DEFAULT_OVERLAP
 from .model.loss import LOSSES, WEIGHTINGS
-from .model.unet import FILTER_PRESETS, METHODS, parse_method, resolve_filters
+from .model.unet import FILTER_PRESETS, METHODS, model_config, parse_method, resolve_filters
 from .run import UsageError
 from .training.runtime import AMP_CHOICES
 
@@ -37,6 +37,30 @@ PRESETS: dict[str, dict[str, Any]] = {
              "lesion_crop_fraction": 0.5, "val_every": 75, "lr_schedule": "constant", "augment": "light"},
 }
 LR_SCHEDULES: tuple[str, ...] = ("constant", "poly")
+# Each field of TrainingConfig <- the flag of train.py (and experiment.py after '--') that sets it; the fields of
+# its DataOptions as "data_options.<field>". The one list of the fields: cli.make_config fills every field from it
+# (a field whose flag's argparse dest is the field name is read as given; the others make_config derives), the
+# checks name a value by it, and so do the --resume differences. A field missing here fails at import.
+FLAGS: dict[str, str] = {
+    "data": "--data", "demo_cohort": "--data", "split_file": "--split", "test_fraction": "--test-fraction",
+    "data_options.layout": "--layout", "data_options.modalities": "--modalities", "data_options.patterns": "--pattern",
+    "data_options.label2": "--label2", "data_options.resample": "--resample",
+    "data_options.normalisation": "--normalisation",
+    "preset": "--preset", "method": "--method", "filters": "--filters", "attention_scale": "--attention-scale",
+    "iterations": "--iterations", "batch_size": "--batch-size", "crop": "--crop", "lr": "--lr",
+    "lr_schedule": "--lr-schedule", "weight_decay": "--weight-decay", "attention_weight_decay": "--attention-weight-decay",
+    "loss_weights": "--loss-weights", "loss": "--loss", "lesion_crop_fraction": "--lesion-crop-fraction",
+    "crop_centre": "--crop-centre", "augment": "--augment", "ema": "--ema", "prior_start": "--no-prior-start",
+    "seed": "--seed", "out": "--out", "resume": "--resume", "overwrite": "--overwrite",
+    "checkpoint_every": "--checkpoint-every", "val_every": "--val-every", "overlap": "--overlap", "device": "--device",
+    "threads": "--threads", "malloc_tuning": "--no-malloc-tuning", "amp": "--amp", "stop_at": "--stop-at",
+    "progress": "--no-progress",
+}
+# The fields with a fixed set of values, and that set: the config checks them, argparse's choices= share them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "preset": tuple(PRESETS), "method": METHODS, "lr_schedule": LR_SCHEDULES, "loss": LOSSES, "loss_weights": WEIGHTINGS,
+    "crop_centre": CENTRES, "augment": AUGMENTATIONS, "amp": AMP_CHOICES,
+}
 # Fields that cannot change the trained weights: --resume accepts other values for them. The data folder
 # is here because the training files themselves are compared (by content) instead of their path.
 RUN_FIELDS: frozenset[str] = frozenset({
@@ -111,18 +135,11 @@ class TrainingConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        _choice(self.preset, "--preset", tuple(PRESETS))
-        _choice(self.method, "--method", METHODS)
-        _choice(self.lr_schedule, "--lr-schedule", LR_SCHEDULES)
-        _choice(self.loss, "--loss", LOSSES)
-        _choice(self.loss_weights, "--loss-weights", WEIGHTINGS)
-        _choice(self.crop_centre, "--crop-centre", CENTRES)
-        _choice(self.augment, "--augment", AUGMENTATIONS)
-        _choice(self.amp, "--amp", AMP_CHOICES)
-        for flag, value, low in (("--iterations", self.iterations, 1), ("--batch-size", self.batch_size, 1),
-                                 ("--checkpoint-every", self.checkpoint_every, 1), ("--val-every", self.val_every, 0),
-                                 ("--stop-at", self.stop_at, 1), ("--threads", self.threads, 1)):
-            _at_least(value, flag, low)
+        for name, choices in CHOICES.items():
+            _choice(getattr(self, name), FLAGS[name], choices)
+        for name, low in (("iterations", 1), ("batch_size", 1), ("checkpoint_every", 1), ("val_every", 0),
+                          ("stop_at", 1), ("threads", 1)):
+            _at_least(getattr(self, name), FLAGS[name], low)
         if len(self.crop) != 3 or min(self.crop) < 1:
             raise UsageError(f"--crop needs three sizes >= 1 (D H W), got {' '.join(map(str, self.crop))}")
         if len(self.filters) < 2 or min(self.filters) < 1:
@@ -154,6 +171,13 @@ class TrainingConfig:
         """Keyword arguments of the method's attention blocks."""
         return {"scale": self.attention_scale} if self.attention == "rsa" else {}
 
+    @property
+    def network_config(self) -> dict[str, Any]:
+        """The network's ``model_config`` (``build_model(**config.network_config)`` rebuilds it): the method,
+        the filters and the attention options are recorded here only."""
+        return model_config(self.method, in_channels=len(self.data_options.modalities), filters=self.filters,
+                            attention_options=self.attention_options)
+
     def learning_rate(self, iteration: int) -> float:
         """The learning rate of ``iteration`` (1-based): constant, or nnU-Net's polynomial decay
         ``lr * (1 - (iteration - 1) / iterations) ** 0.9``."""
@@ -177,20 +201,39 @@ class TrainingConfig:
         return cls(**{**values, "data_options": DataOptions.from_record(record["data_options"]),
                       "crop": tuple(record["crop"]), "filters": tuple(record["filters"])})
 
-    def resume_differences(self, recorded: Mapping[str, Any]) -> list[str]:
-        """``--flag: recorded X, now Y`` for each weight-changing field that differs from ``recorded``.
+    def resume_differences(self, recorded: TrainingConfig) -> list[str]:
+        """``--flag: recorded X, now Y`` for each weight-changing value that differs from ``recorded``'s.
 
-        ``iterations`` is left to the caller: a constant-schedule run may be extended. A field the record
-        lacks (added to the config after the run started) counts as its default.
+        ``iterations`` is left to the caller: a constant-schedule run may be extended. The flag comes from
+        ``FLAGS``, with the field's name beside it where the two differ (``--no-prior-start (prior_start)``).
         """
-        now = self.record()
-        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        before, now = _flat(recorded.record()), _flat(self.record())
         lines = []
-        for key in sorted((set(now) | set(recorded)) - RUN_FIELDS - {"iterations"}):
-            before, after = recorded.get(key, defaults.get(key, "<unset>")), now.get(key, "<unset>")
-            if before != after:
-                lines.append(f"--{key.replace('_', '-')}: recorded {before!r}, now {after!r}")
+        for key in FLAGS:
+            if key.split(".")[0] in RUN_FIELDS or key == "iterations" or before[key] == now[key]:
+                continue
+            name = key.split(".")[-1]
+            shown = FLAGS[key] if FLAGS[key] == "--" + name.replace("_", "-") else f"{FLAGS[key]} ({name})"
+            lines.append(f"{shown}: recorded {before[key]!r}, now {now[key]!r}")
         return lines
+
+
+def _flat(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record with its data options as ``data_options.<field>`` keys, as ``FLAGS`` names them."""
+    options = {f"data_options.{k}": v for k, v in record["data_options"].items()}
+    return {**{k: v for k, v in record.items() if k != "data_options"}, **options}
+
+
+def _check_flags() -> None:
+    """Every field of ``TrainingConfig`` (and of its ``DataOptions``) has its flag in ``FLAGS``, and nothing else."""
+    fields = {f.name for f in dataclasses.fields(TrainingConfig) if f.name != "data_options"}
+    fields |= {f"data_options.{f.name}" for f in dataclasses.fields(DataOptions)}
+    if fields != set(FLAGS):
+        raise RuntimeError(f"config.FLAGS lacks {sorted(fields - set(FLAGS))} and has {sorted(set(FLAGS) - fields)} "
+                           "beyond the fields of TrainingConfig: give every field its flag")
+
+
+_check_flags()
 
 
 def parse_filters(text: str) -> tuple[int, ...]:
@@ -213,16 +256,3 @@ def parse_attention_scale(text: str | None) -> float | str | None:
         return float(text)
     except ValueError:
         raise UsageError(f"--attention-scale must be none, auto or a number, got {text!r}") from None
-
-
-def recorded_config(checkpoint: Mapping[str, Any], path: str | Path) -> TrainingConfig:
-    """The training configuration a ``train.py`` checkpoint recorded.
-
-    Raises:
-        UsageError: the checkpoint predates the recorded configuration or holds a damaged one.
-    """
-    try:
-        return TrainingConfig.from_record(checkpoint["training"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"checkpoint {path} holds no usable training configuration ({exc}); it was written by "
-                         "another version of train.py: retrain it with this one") from None

@@ -3,8 +3,10 @@
     python examples/ms_lesion/evaluate.py --checkpoint runs/rsa-010/model.pt --data DIR [--split FILE] --out DIR
 
 The data options (modalities, file patterns, label policy, normalisation) default to the ones the
-model was trained with. Writes ``<out>/metrics.json`` (cohort summary, see ``metrics.summarise``) and
-``<out>/cases.csv`` (one row per subject); existing files there are kept unless ``--overwrite``.
+model was trained with. Writes ``<out>/metrics.json`` (cohort summary, see ``metrics.summarise``, and its
+``warnings``) and ``<out>/cases.csv`` (one row per subject); existing files there are kept unless
+``--overwrite``. A subject whose voxel size differs from the training subjects' by more than
+``checkpoint.SPACING_TOLERANCE`` on an axis gets a ``warning:`` line (and an entry in ``warnings``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ from .cli import (
     Parser, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
     add_runtime_options, command, data_options, list_cases, say_nnunet_folders,
 )
-from .config import recorded_config
+from .checkpoint import load_trained, spacing_warning
 from .data.reading import check_lesion_masks
 from .inference.sliding_window import evaluate_cases
-from .model.unet import load_trained
 from .run import UsageError, check_split, read_split, refuse_existing, write_csv, write_json
 from .training.runtime import configure_runtime, select_device
 
@@ -31,7 +32,8 @@ OUTPUTS = ("metrics.json", "cases.csv")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(__doc__)
-    parser.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt written by train.py")
+    parser.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt written by train.py (with "
+                        "--ema both hold the moving average, and that is what is evaluated)")
     parser.add_argument("--data", required=True, help="dataset folder (subject folders or nnU-Net layout)")
     parser.add_argument("--split", default=None, help="split JSON; evaluate its 'test' ids (default: all subjects)")
     parser.add_argument("--out", required=True, help="output folder for metrics.json and cases.csv")
@@ -72,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_runtime(args.threads, not args.no_malloc_tuning)
     out = Path(args.out)
     refuse_existing(out, OUTPUTS, args.overwrite)
-    model, meta = load_trained(args.checkpoint, device)
-    trained = recorded_config(meta, args.checkpoint)
+    model, saved = load_trained(args.checkpoint, device)
+    trained = saved.record.training
     options = data_options(args, trained.data_options)
     if args.list:
         return list_cases(args.data, options, require_mask=True)
@@ -85,13 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = [p for p in found if p.id in set(split["test"])]
     if not found:
         raise UsageError(f"no subject to evaluate in {args.data}")
-    refuse_training_subjects([p.id for p in found], meta["split"]["train"], args.include_training_subjects)
+    refuse_training_subjects([p.id for p in found], saved.record.split["train"], args.include_training_subjects)
     cases = [options.load(p) for p in found]
     check_lesion_masks(cases, training=False)
+    spacing = [note for case in cases if (note := spacing_warning(saved.record, case.id, case.spacing))]
+    for note in spacing:  # before the long part
+        print(f"warning: {note}", file=sys.stderr)
     summary, rows, _ = evaluate_cases(model, cases, trained.crop, overlap=args.overlap, device=device,
                                       mirror=args.tta, min_lesion_mm3=args.min_lesion_size, threshold=args.threshold)
     notes = warnings_for(summary, rows)
-    write_json(out / "metrics.json", {**summary, "warnings": notes})
+    write_json(out / "metrics.json", {**summary, "warnings": spacing + notes})
     write_csv(out / "cases.csv", rows)
     print(json.dumps({k: round(v, 4) for k, v in summary.items()}, indent=1))
     for note in notes:

@@ -14,7 +14,9 @@ fold trained on all the other subjects; ``--train-always ID ...`` keeps subjects
 beside a few real scans) in every training set and out of every test set. ``--seeds N`` trains every split
 or fold N times (seeds 0..N-1; runs ``<split>-seed-<s>``), and the statistics pair the runs by (fold, seed).
 
-Runs: each (method, split) trains with train.py in its own process (seed k) into
+Runs: the flags after '--' are train.py's; each (method, split) gets the configuration train.py would
+make of them (``cli.make_config``, seed k), all made and checked before the first training, and trains
+in its own process (``train.py --run-config -`` reads that configuration on stdin) into
 ``<out>/runs/<method>/split-<k>/``. Every run is started with --resume: a finished run with the same
 options is reused, an unfinished one continues from its checkpoint, and a run made with other options
 is refused (train.py lists the differences), so re-running the same command continues the experiment
@@ -59,9 +61,11 @@ from typing import Any
 
 import numpy as np
 
-from .cli import DATA_OPTIONS, Parser, add_data_options, command, data_options, list_cases
-from .data.reading import read_json
-from .evaluation.report import differences_figure, network_cost, recorded_run, run_problems, write_report
+from .checkpoint import read
+from .cli import Parser, add_data_options, add_training_arguments, command, data_options, list_cases, make_config
+from .config import FLAGS, TrainingConfig
+from .data.reading import DataOptions, read_json
+from .evaluation.report import differences_figure, network_cost, run_problems, write_report
 from .evaluation.figures import save_comparison
 from .model.unet import METHODS
 from .run import UsageError, check_split, fold_splits, random_split, read_split, write_json
@@ -133,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse train.py flags that experiment.py sets itself, and a method listed twice."""
-    forwarded = {"--" + name.replace("_", "-") for name in DATA_OPTIONS} | {"--data", "--split", "--method", "--out",
-                                                                             "--seed", "--list"}
+    forwarded = {flag for key, flag in FLAGS.items() if key.split(".")[0] in ("data", "data_options", "split_file",
+                                                                          "method", "out", "seed")} | {"--list"}
     misplaced = sorted({flag.split("=")[0] for flag in args.train_args} & forwarded)
     if misplaced:
         raise UsageError(f"{', '.join(misplaced)} after '--': experiment.py sets these itself; give data options "
@@ -152,17 +156,22 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--train-always needs --folds (random splits choose every subject's part)")
 
 
-def data_flags(args: argparse.Namespace) -> list[str]:
-    """The explicit data options, as train.py flags."""
-    flags: list[str] = []
-    for name in ("layout", "label2", "normalisation"):
-        if getattr(args, name) is not None:
-            flags += [f"--{name}", getattr(args, name)]
-    if args.modalities is not None:
-        flags += ["--modalities", *args.modalities]
-    for pattern in args.pattern or []:
-        flags += ["--pattern", pattern]
-    return flags + (["--resample"] if args.resample else [])
+def training_parser() -> argparse.ArgumentParser:
+    """train.py's options, for the flags after '--'."""
+    parser = Parser()
+    parser.prog = "train.py"  # its --help documents them
+    add_training_arguments(parser)
+    return parser
+
+
+def run_config(flags: argparse.Namespace, options: DataOptions, data: str, method: str, split: Path, seed: int,
+               run_dir: Path) -> TrainingConfig:
+    """The configuration of one (method, split), made as train.py makes it (``cli.make_config``): the flags
+    after '--' with this run's data, split, method, seed and folder, resumed, without a progress bar, and
+    evaluated only at the end unless '--' gives ``--val-every``."""
+    given = {**vars(flags), "data": data, "split_file": str(split), "method": method, "out": str(run_dir),
+             "seed": seed, "resume": True, "progress": False, "val_every": flags.val_every or 0}
+    return make_config(argparse.Namespace(**given), options)[0]
 
 
 # ------------------------------------------------------------------------------------------------ splits
@@ -201,14 +210,19 @@ def check_split_parameters(recorded: Mapping[str, Any], requested: Mapping[str, 
                          f"{'; '.join(found)}; rerun with the recorded ones or choose another --out")
 
 
-def make_splits(ids: list[str], count: int, train_fraction: float, out: Path) -> list[Path]:
+def split_path(out: Path, k: int) -> Path:
+    """The file of split ``k`` (seed ``k``)."""
+    return out / "splits" / f"split-{k}.json"
+
+
+def make_splits(ids: list[str], count: int, train_fraction: float, out: Path, *, write: bool = True) -> list[Path]:
     """Write (or keep and check) ``count`` split files; split k is a permutation with seed k.
 
     ``<out>/splits/parameters.json`` records the train fraction and the subjects the splits were made for;
     a later call with others is refused. A folder of older split files without that record is accepted
-    only when the files are what these parameters make.
+    only when the files are what these parameters make. With ``write=False`` only the checks run.
     """
-    folder = out / "splits"
+    folder = split_path(out, 0).parent
     parameters = {"train_fraction": train_fraction, "subjects": sorted(ids), "seeds": "split-<k>.json: seed k"}
     record = folder / SPLIT_PARAMETERS
     if record.is_file():
@@ -219,13 +233,14 @@ def make_splits(ids: list[str], count: int, train_fraction: float, out: Path) ->
             if not seed.isdigit() or read_split(path) != random_split(ids, 1.0 - train_fraction, seed=int(seed)):
                 raise UsageError(f"{path} was not made by this command (no {SPLIT_PARAMETERS} beside it, and "
                                  "--train-fraction and the subjects give another split); choose another --out")
-        write_json(record, parameters)
+        if write:
+            write_json(record, parameters)
     paths = []
     for k in range(count):
-        path = folder / f"split-{k}.json"
+        path = split_path(out, k)
         if path.is_file():
             check_split(read_split(path), ids, str(path))
-        else:
+        elif write:
             write_json(path, random_split(ids, 1.0 - train_fraction, seed=k))
         paths.append(path)
     return paths
@@ -234,37 +249,36 @@ def make_splits(ids: list[str], count: int, train_fraction: float, out: Path) ->
 # -------------------------------------------------------------------------------------------------- runs
 
 
-def run_one(method: str, name: str, split: Path, seed: int, data: str, run_dir: Path, train_args: Sequence[str]
-            ) -> dict[str, Any]:
-    """Train and evaluate one (method, split, seed) in a child process; train.py reuses a finished run with the
-    same options and refuses one made with others.
+def run_one(config: TrainingConfig, name: str) -> dict[str, Any]:
+    """Train and evaluate one (method, split, seed) in a child process, from ``config``; train.py reuses a
+    finished run with the same options and refuses one made with others.
 
     Returns:
         The run's ``metrics.json`` with ``split`` (the run's name: the statistics pair runs by it) and
         ``problems`` (``run_problems``).
     """
-    # Split k trains with seed k (weights and crops): the spread over splits then includes the
-    # spread over initialisations, which on small budgets is the larger one.
-    command = [sys.executable, "-m", "mslesion.train", "--data", data, "--split", str(split), "--method", method,
-               "--out", str(run_dir), "--resume", "--no-progress", "--val-every", "0", "--seed", str(seed),
-               *train_args]
-    print(f"[{time.strftime('%H:%M:%S')}] {method} {name}", flush=True)
+    label = f"{config.method} {name}"
+    print(f"[{time.strftime('%H:%M:%S')}] {label}", flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))}
-    child = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.run([sys.executable, "-m", "mslesion.train", "--run-config", "-"], input=json.dumps(config.record()),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    run_dir = Path(config.out)
     if child.returncode:
         lines = [line for line in child.stderr.splitlines() if line.strip()]
         reason = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), None)
         if reason is None:  # a crash, not a usage error: show the traceback's end
             sys.stderr.write(child.stderr[-3000:])
-            raise UsageError(f"train.py failed for {method} {name} (exit {child.returncode}); see above")
-        raise UsageError(f"{method} {name} ({run_dir}): {reason}")
+            raise UsageError(f"train.py failed for {label} (exit {child.returncode}); see above")
+        raise UsageError(f"{label} ({run_dir}): {reason}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {**metrics, "split": name, "problems": run_problems(run_dir, metrics)}
 
 
-def make_folds(ids: list[str], folds: int | str, always_train: Sequence[str], out: Path) -> list[Path]:
+def make_folds(ids: list[str], folds: int | str, always_train: Sequence[str], out: Path, *, write: bool = True
+               ) -> list[Path]:
     """Write (or keep and check) the cross-validation splits ``<out>/splits/fold-<k>.json`` (``run.fold_splits``),
-    with the record of the parameters beside them, as ``make_splits`` does for random splits."""
+    with the record of the parameters beside them, as ``make_splits`` does for random splits (``write=False``:
+    only the checks)."""
     unknown = sorted(set(always_train) - set(ids))
     if unknown:
         raise UsageError(f"--train-always: {_some(unknown)} not in the data (it has {_some(sorted(ids))})")
@@ -282,8 +296,10 @@ def make_folds(ids: list[str], folds: int | str, always_train: Sequence[str], ou
     for path, split in zip(paths, splits):
         if path.is_file() and read_split(path) != split:
             raise UsageError(f"{path} is not fold {path.stem} of these subjects; choose another --out")
-        write_json(path, split)
-    write_json(record, parameters)
+        if write:
+            write_json(path, split)
+    if write:
+        write_json(record, parameters)
     return paths
 
 
@@ -303,7 +319,7 @@ def comparison_figure(data: str, run: tuple[str, Path, int], methods: Sequence[s
     options the first method's model recorded."""
     name, split, _ = run
     test = set(read_split(split)["test"])
-    _, _, options = recorded_run(out / "runs" / methods[0] / name / "model.pt")
+    options = read(out / "runs" / methods[0] / name / "model.pt").record.training.data_options
     cases = [options.load(p) for p in options.find(data) if p.id in test]
     shown = max(cases, key=lambda c: int(np.count_nonzero(c.label == 1)))
     predictions = {}
@@ -317,19 +333,21 @@ def comparison_figure(data: str, run: tuple[str, Path, int], methods: Sequence[s
     return save_comparison(out / "figure.png", shown.image[flair], shown.label, predictions, title=shown.id)
 
 
-def choose_splits(args: argparse.Namespace, ids: list[str], out: Path) -> list[Path]:
-    """The split files of this experiment: cross-validation folds with ``--folds``, else random splits."""
+def choose_splits(args: argparse.Namespace, ids: list[str], out: Path, *, write: bool) -> list[Path]:
+    """The split files of this experiment, checked (and written with ``write``): cross-validation folds with
+    ``--folds``, else random splits."""
     if args.folds is not None:
-        return make_folds(ids, args.folds, args.train_always, out)
+        return make_folds(ids, args.folds, args.train_always, out, write=write)
     args.train_fraction = PAPER_TRAIN_FRACTION if args.train_fraction is None else args.train_fraction
     check_test_subjects(ids, args.train_fraction)
-    return make_splits(ids, 5 if args.splits is None else args.splits, args.train_fraction, out)
+    return make_splits(ids, 5 if args.splits is None else args.splits, args.train_fraction, out, write=write)
 
 
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_arguments(args)
+    flags = training_parser().parse_args(args.train_args)
     out = Path(args.out)
     data = args.data
     if data is None:
@@ -341,20 +359,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         return list_cases(data, options, require_mask=True)
     ids = [p.id for p in options.find(data)]
-    splits = choose_splits(args, ids, out)
-    train_args = [*data_flags(args), *args.train_args]
-    summary = {"data": data, "train_args": train_args, "train_fraction": args.train_fraction, "folds": args.folds,
-               "train_always": args.train_always, "seeds": args.seeds}
+    # Every run's configuration first: a bad flag after '--' is refused before anything is written (the split
+    # files are named, then written). Split k trains with seed k (weights and crops): the spread over splits
+    # then includes the spread over initialisations, which on small budgets is the larger one.
+    splits = choose_splits(args, ids, out, write=False)
+    plan = plan_runs(splits, args.seeds)
+    configs = {(method, name): run_config(flags, options, data, method, split, seed, out / "runs" / method / name)
+               for method in args.methods for name, split, seed in plan}
+    choose_splits(args, ids, out, write=True)
+    summary = {"data": data, "data_options": options.record(), "train_args": args.train_args,
+               "train_fraction": args.train_fraction, "folds": args.folds, "train_always": args.train_always,
+               "seeds": args.seeds}
     results: dict[str, list[dict[str, Any]]] = {}
     costs: dict[str, dict[str, Any]] = {}
-    for method in args.methods:
-        for name, split, seed in plan_runs(splits, args.seeds):
-            run_dir = out / "runs" / method / name
-            results.setdefault(method, []).append(run_one(method, name, split, seed, data, run_dir, train_args))
-            if method not in costs:
-                costs[method] = network_cost(run_dir / "model.pt")
-            # Rewrite the report after every run, so a long experiment can be read while it goes.
-            text = write_report(out, summary, results, costs)
+    for (method, name), config in configs.items():
+        results.setdefault(method, []).append(run_one(config, name))
+        if method not in costs:
+            costs[method] = network_cost(Path(config.out) / "model.pt")
+        # Rewrite the report after every run, so a long experiment can be read while it goes.
+        text = write_report(out, summary, results, costs)
     print(text)
     written = [("table", out / "table.md"), ("results", out / "results.json"),
                ("paired differences", differences_figure(results, out)),

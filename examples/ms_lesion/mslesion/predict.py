@@ -14,7 +14,8 @@ and affine, written atomically:
 
 An existing mask is never replaced unless ``--overwrite``, and ``--out`` may not be a folder that holds
 input files. A subject that fails (unreadable file, wrong shape...) is reported on stderr and
-skipped; the exit status is 1 if any failed.
+skipped; the exit status is 1 if any failed. A subject whose voxel size differs from the training
+subjects' by more than ``checkpoint.SPACING_TOLERANCE`` on an axis is segmented with a ``warning:`` line.
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ from .cli import (
     Parser, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
     add_runtime_options, command, data_options, list_cases, say_nnunet_folders,
 )
-from .config import recorded_config
+from .checkpoint import RunRecord, load_trained, spacing_warning
 from .data.reading import CasePaths, DataError, DataOptions, resolve_layout
 from .inference.sliding_window import segment
 from .inference.lesions import LESION_FIELDS, REPORT_FIELDS, label_lesions, lesion_table, remove_small_lesions, subject_summary
-from .model.unet import load_trained
 from .run import UsageError, refuse_existing, save_atomically, write_csv
 from .training.runtime import configure_runtime, select_device
 
@@ -51,9 +51,13 @@ def outputs(case_id: str, args: argparse.Namespace) -> list[str]:
 
 
 def predict_case(model: nn.Module, paths: CasePaths, out: Path, tile: Sequence[int], options: DataOptions,
-                 args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Load, segment, post-process and write one subject; returns its ``report.csv`` row."""
+                 args: argparse.Namespace, device: torch.device, record: RunRecord | None = None) -> dict[str, Any]:
+    """Load, segment, post-process and write one subject; returns its ``report.csv`` row. With the model's
+    ``record``, a voxel size unlike the training subjects' is a ``warning:`` line first."""
     case = options.load(paths)
+    note = spacing_warning(record, case.id, case.spacing) if record is not None else None
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     probability, mask = segment(model, case.image, tile, threshold=args.threshold, overlap=args.overlap, device=device,
                                 mirror=args.tta)
     mask = remove_small_lesions(mask, np.diag([*case.spacing, 1.0]), args.min_lesion_size)
@@ -106,7 +110,8 @@ def onnx_model(model: nn.Module, tile: Sequence[int], device: torch.device) -> A
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(__doc__)
-    parser.add_argument("--checkpoint", required=True, help="model.pt (or checkpoint.pt) written by train.py")
+    parser.add_argument("--checkpoint", required=True, help="model.pt (or checkpoint.pt) written by train.py; with "
+                        "--ema both hold the moving average of the weights, and that is what predicts")
     parser.add_argument("--data", required=True, help="folder of subjects to segment")
     parser.add_argument("--out", required=True, help="output folder, one <id>.nii.gz per subject")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist in --out")
@@ -130,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = select_device(args.device)
     configure_runtime(args.threads, not args.no_malloc_tuning)
-    model, meta = load_trained(args.checkpoint, device)
-    trained = recorded_config(meta, args.checkpoint)
+    model, saved = load_trained(args.checkpoint, device)
+    trained = saved.record.training
     options = data_options(args, trained.data_options)
     if args.list:
         return list_cases(args.data, options, require_mask=False)
@@ -148,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed, report = list(errors), []
     for paths in subjects:
         try:
-            report.append(predict_case(model, paths, out, trained.crop, options, args, device))
+            report.append(predict_case(model, paths, out, trained.crop, options, args, device, saved.record))
         except (DataError, OSError, ValueError, RuntimeError) as error:
             failed.append(paths.id)
             print(f"error: subject {paths.id}: {error}", file=sys.stderr)

@@ -243,7 +243,6 @@ def save_montage(case: Case, path: str | Path, *, slices: int = 4, dpi: int = 11
             ax.set_title(f"{case.modalities[m].upper()} {title}", fontsize=8)
     fig.suptitle(f"{case.id}: lesion outline in red", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
+    path = save_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     plt.close(fig)
     return path

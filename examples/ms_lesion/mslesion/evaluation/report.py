@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import recorded_config
-from ..data.reading import DataOptions
+from ..checkpoint import read
 from .figures import save_paired_differences
-from ..model.unet import build_model, read_checkpoint
+from ..model.unet import build_model
 from ..run import save_atomically, write_json
 from .stats import BASELINE, PairedComparison, compare_paired, format_interval, format_p
 
@@ -64,16 +63,6 @@ def run_problems(run_dir: Path, metrics: Mapping[str, Any]) -> list[str]:
 # -------------------------------------------------------------------------------------------------- cost
 
 
-def recorded_run(model: Path) -> tuple[dict[str, Any], tuple[int, ...], DataOptions]:
-    """The network config, training crop and data options a run's ``model.pt`` records.
-
-    The one place that knows the checkpoint's layout: change it here when train.py's record changes.
-    """
-    checkpoint = read_checkpoint(model)
-    trained = recorded_config(checkpoint, model)
-    return checkpoint["config"], trained.crop, trained.data_options
-
-
 def network_cost(model: Path) -> dict[str, Any]:
     """Parameters and forward FLOPs of a run's network on one training crop.
 
@@ -81,7 +70,8 @@ def network_cost(model: Path) -> dict[str, Any]:
     ``FlopCounterMode``, which counts the matmuls and convolutions that reach the dispatcher, those
     inside the attention blocks' custom autograd functions included; element-wise work is not counted.
     """
-    config, crop, _ = recorded_run(model)
+    trained = read(model).record.training
+    config, crop = trained.network_config, trained.crop
     network = build_model(**config).to("meta").eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         network(torch.zeros(1, config["in_channels"], *crop, device="meta"))

@@ -258,12 +258,12 @@ def lesion_attention(model: nn.Module, case: Case, tile: Sequence[int]) -> tuple
     patch = np.zeros((case.image.shape[0], *tile), np.float32)
     inside = case.image[(slice(None), *box)]
     patch[(slice(None), *(slice(0, n) for n in inside.shape[1:]))] = inside
-    block.save_attention = True
+    saving, block.save_attention = block.save_attention, True
     try:
         model(torch.from_numpy(patch)[None].to(next(model.parameters()).device))
         maps = block.attention_maps
     finally:
-        block.save_attention = False
+        block.save_attention = saving  # as the caller had it
     steps = []
     for dim, attention in zip(block.dims, maps):
         axis = dim - 2

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..run import UsageError
 from sliceattn import ATTENTION_BLOCKS, build_attention
 
 METHODS: tuple[str, ...] = ("unet", "rsa-010", "rsa-101", "rsa-111", "ncl-010", "ncl-101", "ncl-111")
@@ -213,7 +211,8 @@ def model_config(
     strides: Sequence[int | Sequence[int]] | None = None,
     attention_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A JSON-able description of a model; ``build_model(**config)`` rebuilds it (checkpoints store it)."""
+    """A JSON-able description of a model; ``build_model(**config)`` rebuilds it (``TrainingConfig.network_config``
+    is a run's)."""
     parse_method(method)
     return {
         "method": method,
@@ -244,45 +243,6 @@ def build_model(method: str, **options: Any) -> UNet3d:
         placement=placement,
         attention_options=config["attention_options"] if kind is not None else None,
     )
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The dict a ``train.py`` checkpoint holds (``model.pt`` or ``checkpoint.pt``).
-
-    Raises:
-        UsageError: the file is missing, truncated, or not written by ``train.py``; the message names it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for damaged files; all mean "unreadable"
-        raise UsageError(f"checkpoint {path} cannot be read (truncated or not a torch file): {exc}") from None
-    if not isinstance(checkpoint, dict) or not {"config", "model", "training"} <= checkpoint.keys():
-        raise UsageError(f"{path} is not a checkpoint written by this train.py (no 'config'/'model'/'training' "
-                         "entries): retrain it with this version")
-    return checkpoint
-
-
-def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet3d, dict[str, Any]]:
-    """Rebuild a trained model from a checkpoint written by ``train.py`` (``model.pt`` or ``checkpoint.pt``).
-
-    Returns:
-        The model in eval mode on ``device`` and the checkpoint's metadata (``config``, ``crop``,
-        ``data`` (the recorded ``DataOptions``), ``r``, ``options``...).
-    """
-    checkpoint = read_checkpoint(path)
-    model = build_model(**checkpoint["config"])
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as exc:
-        raise UsageError(f"checkpoint {path}: the weights do not fit its own model config: {exc}") from None
-    meta = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "scaler", "rng")}
-    return model.to(device).eval(), meta
 
 
 def training_memory_bytes(config: dict[str, Any], crop: Sequence[int], batch_size: int) -> int:

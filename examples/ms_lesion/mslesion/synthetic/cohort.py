@@ -35,6 +35,7 @@ from scipy import ndimage
 
 from ..data.reading import MODALITIES, CasePaths, DataError, load_case
 from ..evaluation.figures import save_montage
+from ..run import save_atomically
 
 GENERATOR_VERSION = 1
 ANATOMIES: tuple[str, ...] = ("auto", "mni152", "phantom")
@@ -910,7 +911,7 @@ def write_case(case: SyntheticCase, files: Mapping[str, Path]) -> None:
         image.header.set_xyzt_units("mm")
         image.header.set_qform(case.affine, code=1)
         image.header.set_sform(case.affine, code=1)
-        nib.save(image, path)
+        save_atomically(path, lambda tmp, image=image: nib.save(image, tmp))
 
 
 def subject_id(index: int) -> str:
@@ -999,14 +1000,16 @@ def make_cohort(
         write_case(case, files[sid])
         stats[sid] = case_stats(case) | {"seconds": round(time.perf_counter() - start, 2)}
     if layout == "nnunet":
-        (out / "dataset.json").write_text(json.dumps({
+        dataset = json.dumps({
             "name": f"synthetic MS cohort ({preset}, seed {seed})",
             "channel_names": {str(k): m.upper() for k, m in enumerate(NNUNET_CHANNELS)},
             "labels": {"background": 0, "lesion": 1}, "numTraining": subjects, "file_ending": ".nii.gz",
-        }, indent=1))
+        }, indent=1)
+        save_atomically(out / "dataset.json", lambda tmp: tmp.write_text(dataset))
     if montage:
         _montage_of(files[ids[0]], out / MONTAGE_NAME)
-    record.write_text(json.dumps({"params": params, "preset": asdict(COHORT_PRESETS[preset]), "stats": stats}, indent=1))
+    text = json.dumps({"params": params, "preset": asdict(COHORT_PRESETS[preset]), "stats": stats}, indent=1)
+    save_atomically(record, lambda tmp: tmp.write_text(text))
     return out
 
 

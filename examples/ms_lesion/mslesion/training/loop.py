@@ -5,9 +5,10 @@ The shape of a run (nnU-Net's ``run_training`` without the class hierarchy)::
     prepare_out_folder -> load_training_data -> build_run -> resume_or_start
     -> for each iteration: train_step, on_iteration_end (log, validate, checkpoint) -> finish
 
-``run_training`` takes one ``TrainingConfig`` (config.py) and nothing else. The checkpoint records
-that configuration, the split and a content hash of every input file; ``--resume`` refuses a
-command that differs in anything but ``config.RUN_FIELDS``, listing the differences.
+``run_training`` takes one ``TrainingConfig`` (config.py) and nothing else. The checkpoint (written and
+read by ``checkpoint.py``) records that configuration, the split, a content hash of every input file and
+the training subjects' voxel spacings; ``--resume`` refuses a command that differs in anything but
+``config.RUN_FIELDS``, listing the differences.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from ..checkpoint import Checkpoint, ResumeState, RunRecord, read, write_checkpoint, write_model
 from ..data.augment import augment, margin
 from ..config import TrainingConfig
 from ..data.sampling import mean_lesion_fraction, sample_crop
@@ -37,7 +39,7 @@ from ..data.reading import Case, CasePaths, check_lesion_masks
 from ..evaluation.figures import save_attention_figure, save_comparison
 from ..inference.sliding_window import evaluate_cases, lesion_attention
 from ..model.loss import class_weights, make_loss
-from ..model.unet import build_model, crop_divisor, model_config, read_checkpoint, set_output_prior, training_memory_bytes
+from ..model.unet import build_model, crop_divisor, set_output_prior, training_memory_bytes
 from .monitor import (
     ALIVE_EFFECT, UNIFORM_PEAK, attention_blocks, attention_state, attention_summary, log_columns, stayed_identity,
     stayed_uniform, watch, with_recent_effect,
@@ -78,7 +80,7 @@ class Run:
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     amp_dtype: torch.dtype | None
-    meta: dict[str, Any]
+    record: RunRecord                   # what model.pt and checkpoint.pt record beside the weights
     ema: AveragedModel | None = None    # --ema: the moving average of the weights
     start: int = 0
     saved: int = 0          # the iteration of the last checkpoint written
@@ -198,21 +200,21 @@ def build_network(config: TrainingConfig, network_config: dict[str, Any], r: flo
     return network
 
 
-def build_run(config: TrainingConfig, network_config: dict[str, Any], data: TrainingData, out: Path,
-              device: torch.device, rank: int, world: int) -> Run:
-    """The network, optimiser, gradient scaler and loss of a run, and the metadata its checkpoints hold."""
+def build_run(config: TrainingConfig, data: TrainingData, out: Path, device: torch.device, rank: int,
+              world: int) -> Run:
+    """The network, optimiser, gradient scaler and loss of a run, and the record its checkpoints hold."""
     r = mean_lesion_fraction(data.train_cases)
-    network = build_network(config, network_config, r).to(device)
+    network = build_network(config, config.network_config, r).to(device)
     watch(network)  # each block keeps its last (small) maps and its effect, for the log
     optimizer = torch.optim.Adam(parameter_groups(network, config.weight_decay, config.attention_weight_decay),
                                  lr=config.lr)
     dtype = amp_dtype(config.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     criterion = make_loss(config.loss, r, config.loss_weights, distributed=world > 1).to(device)
-    meta = {"config": network_config, "training": config.record(), "r": r, "split": data.split, "files": data.files}
+    record = RunRecord(config, r, data.split, data.files, {case.id: case.spacing for case in data.train_cases})
     ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
     return Run(config, out, device, rank, world, data, network,
-               DistributedDataParallel(network) if world > 1 else network, optimizer, scaler, criterion, dtype, meta, ema)
+               DistributedDataParallel(network) if world > 1 else network, optimizer, scaler, criterion, dtype, record, ema)
 
 
 def resume_or_start(run: Run) -> None:
@@ -222,42 +224,46 @@ def resume_or_start(run: Run) -> None:
         if run.config.resume and run.main_process:
             print(f"--resume: no {path} yet, starting from scratch")
         return
-    state = read_checkpoint(path)
-    check_resumable(run, state, path)
-    run.network.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scaler.load_state_dict(state["scaler"])
+    saved = read(path)
+    state = check_resumable(run, saved)
+    run.network.load_state_dict(state.network)
+    run.optimizer.load_state_dict(state.optimizer)
+    run.scaler.load_state_dict(state.scaler)
     if run.ema is not None:
-        run.ema.load_state_dict(state["ema"])
-    set_rng_state(state["rng"])
-    run.start = run.saved = state["iteration"]
-    run.elapsed = state["seconds"]
+        run.ema.load_state_dict(state.ema)
+    set_rng_state(state.rng)
+    run.start = run.saved = state.iteration
+    run.elapsed = state.seconds
     run.log = read_log(run.out / "log.csv", run.start)
     if run.main_process:
         print(f"resuming {path} at iteration {run.start}")
 
 
-def check_resumable(run: Run, state: dict[str, Any], path: Path) -> None:
-    """Refuse to continue ``state`` with another configuration, split or input files, listing what differs."""
-    if "training" not in state:
-        raise UsageError(f"--resume: {path} was written by another version of train.py; start a new run (--overwrite)")
-    changed = run.config.resume_differences(state["training"])
-    if state["split"] != run.meta["split"]:
-        changed.append(f"the split: recorded {state['split']}, now {run.meta['split']}")
-    files = changed_files(state["files"], run.meta["files"])
+def check_resumable(run: Run, saved: Checkpoint) -> ResumeState:
+    """Refuse to continue ``saved`` with another configuration, split or input files, listing what differs;
+    return its resume state."""
+    path, recorded, state = saved.path, saved.record, saved.state
+    if state is None:
+        raise UsageError(f"--resume: {path} holds no training state to continue (a model.pt?); start a new run "
+                         "(--overwrite)")
+    changed = run.config.resume_differences(recorded.training)
+    if recorded.split != run.record.split:
+        changed.append(f"the split: recorded {recorded.split}, now {run.record.split}")
+    files = changed_files(recorded.files, run.record.files)
     if files:
         changed.append(f"input files changed on disk since the run started: {', '.join(files)}")
     if changed:
         raise UsageError(f"--resume: the command differs from the run in {path}: " + "; ".join(changed)
                          + ". Resume with the recorded options and files, or start a new run (another --out, or "
                          "--overwrite)")
-    before, now = state["training"]["iterations"], run.config.iterations
+    before, now = recorded.training.iterations, run.config.iterations
     if run.config.lr_schedule == "poly" and now != before:
         raise UsageError(f"--resume: --iterations {now} differs from the run's {before}, and the poly "
                          f"learning-rate schedule depends on it; give --iterations {before}")
-    if now < state["iteration"]:
-        raise UsageError(f"--resume: --iterations {now} is below the {state['iteration']} iterations {path} "
-                         f"already trained; give --iterations {state['iteration']} or more")
+    if now < state.iteration:
+        raise UsageError(f"--resume: --iterations {now} is below the {state.iteration} iterations {path} "
+                         f"already trained; give --iterations {state.iteration} or more")
+    return state
 
 
 # ------------------------------------------------------------------------------------------------- steps
@@ -316,10 +322,9 @@ def validate(run: Run) -> dict[str, float]:
 
 def save_checkpoint(run: Run, iteration: int) -> None:
     """The resumable state, atomically, and the log so far."""
-    state = {**run.meta, "model": run.network.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "scaler": run.scaler.state_dict(), "rng": rng_state(), "iteration": iteration, "seconds": run.elapsed,
-             **({"ema": run.ema.state_dict()} if run.ema is not None else {})}
-    save_atomically(run.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+    state = ResumeState(iteration, run.elapsed, run.network.state_dict(), run.optimizer.state_dict(),
+                        run.scaler.state_dict(), rng_state(), run.ema.state_dict() if run.ema is not None else None)
+    write_checkpoint(run.out / "checkpoint.pt", run.record, state)
     write_log(run.out / "log.csv", run.log)
     run.saved = iteration
 
@@ -378,9 +383,7 @@ def run_training(config: TrainingConfig) -> dict[str, Any]:
     device = torch.device(config.device)
     if config.batch_size % world:
         raise UsageError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
-    network_config = model_config(config.method, in_channels=len(config.data_options.modalities),
-                                  filters=config.filters, attention_options=config.attention_options)
-    check_crop(network_config, config.crop, config.batch_size, device)
+    check_crop(config.network_config, config.crop, config.batch_size, device)
     out = prepare_out_folder(config, rank == 0)
     configure_runtime(config.threads, config.malloc_tuning, processes=world if device.type == "cpu" else 1)
     if world > 1:
@@ -388,7 +391,7 @@ def run_training(config: TrainingConfig) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = False
-    run = build_run(config, network_config, load_training_data(config, rank == 0), out, device, rank, world)
+    run = build_run(config, load_training_data(config, rank == 0), out, device, rank, world)
     resume_or_start(run)
     result: dict[str, Any] = {}
     if run.start == config.iterations and (out / "metrics.json").is_file():
@@ -421,13 +424,13 @@ def finish(run: Run) -> dict[str, Any]:
     """Write the final model, the held-out metrics, the predictions and the figures; print where."""
     config, out = run.config, run.out
     peak, peak_kind = peak_memory_mb(run.device)
-    save_atomically(out / "model.pt", lambda tmp: torch.save({**run.meta, "model": run.kept.state_dict()}, tmp))
+    write_model(out / "model.pt", run.record, run.kept.state_dict())
     write_json(out / "split.json", run.data.split)
     state = with_recent_effect(attention_state(run.network), run.log)
     result: dict[str, Any] = {"method": config.method, "iterations": config.iterations,
                               "train_seconds": run.elapsed, "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
-                              "r": run.meta["r"], "train": run.data.split["train"], "test": run.data.split["test"],
-                              "training": run.meta["training"], **attention_summary(state)}
+                              "r": run.record.r, "train": run.data.split["train"], "test": run.data.split["test"],
+                              "training": config.record(), **attention_summary(state)}
     if run.data.test_cases:
         result["summary"] = evaluate_and_draw(run)
     write_log(out / "log.csv", run.log)
