@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -132,8 +133,24 @@ def list_cases(root: str | Path, options: DataOptions, *, require_mask: bool) ->
     return 1 if errors else 0
 
 
+def finite_float(text: str) -> float:
+    """argparse ``type=`` of every float option: a number that is neither NaN nor infinite.
+
+    NaN passes every ``>=`` and ``<`` check (``--min-lesion-size nan`` once removed every lesion), so each
+    float option is refused here first, and argparse names the flag: ``argument --lr: nan: give a finite
+    number``.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: give a finite number")
+    return value
+
+
 def _overlap(text: str) -> float:
-    value = float(text)
+    value = finite_float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
@@ -144,19 +161,19 @@ def add_inference_options(parser: argparse.ArgumentParser | argparse._ArgumentGr
     parser.add_argument("--overlap", type=_overlap, default=DEFAULT_OVERLAP,
                         help=f"sliding-window tile overlap, in [0, 1) (default: {DEFAULT_OVERLAP:g})")
     parser.add_argument(
-        "--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'... (default: auto)"
+        "--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'..., 'mps' (default: auto)"
     )
 
 
 def _mm3(text: str) -> float:
-    value = float(text)
+    value = finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 mm^3, got {text}")
     return value
 
 
 def _probability(text: str) -> float:
-    value = float(text)
+    value = finite_float(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be a probability in (0, 1), got {text}")
     return value

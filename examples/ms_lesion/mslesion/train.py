@@ -32,7 +32,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data.augment import AUGMENTATIONS
-from .cli import Parser, add_data_options, add_inference_options, add_runtime_options, command, data_options, list_cases
+from .cli import (
+    Parser, add_data_options, add_inference_options, add_runtime_options, command, data_options, finite_float,
+    list_cases,
+)
 from .config import LR_SCHEDULES, PRESETS, TrainingConfig, parse_attention_scale, parse_filters
 from .data.reading import CENTRES
 from .model.loss import LOSSES, WEIGHTINGS
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: generate the synthetic demo cohort in the cache and train the demo preset")
     parser.add_argument("--split", default=None, help="split JSON {'train': [ids], 'test': [ids]} (experiment.py "
                         "writes these); default: a random split with --test-fraction")
-    parser.add_argument("--test-fraction", type=float, default=None,
+    parser.add_argument("--test-fraction", type=finite_float, default=None,
                         help="held-out fraction of subjects when no --split is given (default: 23/43, the paper)")
     add_data_options(parser)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -88,11 +91,11 @@ def add_training_options(train: argparse._ArgumentGroup) -> None:
                        help=f"crops per step, over all processes {_preset_default('batch_size')}")
     train.add_argument("--crop", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                        help=f"crop size, also the inference tile; multiples of 16 {_preset_default('crop')}")
-    train.add_argument("--lr", type=float, default=None, help=f"Adam learning rate {_default('lr')}")
+    train.add_argument("--lr", type=finite_float, default=None, help=f"Adam learning rate {_default('lr')}")
     train.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None, help="constant, or nnU-Net's polynomial "
                        f"decay lr*(1-i/iterations)^0.9 {_preset_default('lr_schedule')}")
-    train.add_argument("--weight-decay", type=float, default=None, help=f"Adam weight decay {_default('weight_decay')}")
-    train.add_argument("--attention-weight-decay", type=float, default=None,
+    train.add_argument("--weight-decay", type=finite_float, default=None, help=f"Adam weight decay {_default('weight_decay')}")
+    train.add_argument("--attention-weight-decay", type=finite_float, default=None,
                        help="Adam weight decay of the attention blocks; the paper's 1e-5 collapses an RSA block "
                        f"that starts as the identity (docs/ms_lesion_training.md) {_default('attention_weight_decay')}")
     train.add_argument("--loss-weights", choices=WEIGHTINGS, default=None,
@@ -102,7 +105,7 @@ def add_training_options(train: argparse._ArgumentGroup) -> None:
     train.add_argument("--loss", choices=LOSSES, default=None,
                        help="ce: the paper's class-weighted cross-entropy; dice-ce: nnU-Net's soft Dice of the lesion "
                        f"class plus that cross-entropy {_default('loss')}")
-    train.add_argument("--lesion-crop-fraction", type=float, default=None, help="probability that a crop is centred "
+    train.add_argument("--lesion-crop-fraction", type=finite_float, default=None, help="probability that a crop is centred "
                        f"on a lesion voxel {_preset_default('lesion_crop_fraction')}")
     train.add_argument("--crop-centre", choices=CENTRES, default=None,
                        help=f"other crops are centred on a random brain voxel or anywhere {_default('crop_centre')}")
@@ -110,7 +113,7 @@ def add_training_options(train: argparse._ArgumentGroup) -> None:
                        help="augmentation of each crop (batchgeneratorsv2): none (the paper's plain random crops), "
                        "light (mirroring, intensity), default (nnU-Net's default transforms), heavy (more often, "
                        f"stronger, elastic) {_preset_default('augment')}")
-    train.add_argument("--ema", type=float, default=None, metavar="DECAY",
+    train.add_argument("--ema", type=finite_float, default=None, metavar="DECAY",
                        help="keep an exponential moving average of the weights with this decay (e.g. 0.98) and "
                        f"save and evaluate it instead of the last weights; 0 = the last weights {_default('ema')}")
     train.add_argument("--no-prior-start", dest="prior_start", action="store_const", const=False, default=None,
