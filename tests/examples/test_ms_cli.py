@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +24,8 @@ from mslesion import predict
 from mslesion import train
 from mslesion.checkpoint import read
 from mslesion.data.reading import default_roles, find_cases
+from mslesion.run import LOCK_NAME, UsageError, locked
+from mslesion.training import loop as training_loop
 from mslesion.synthetic.cohort import make_cohort
 from cli_checks import exit_code, one_error_line
 
@@ -315,9 +321,11 @@ def test_splits_with_overlapping_or_unknown_ids_are_refused(cohort: Path, tmp_pa
     (["--modalities", "pd"], "modalities ['pd'] have no built-in rule"),
     (["--modalities", "t1,t1"], "distinct names"),
     (["--lr", "-1"], "--lr must be a finite number in (0, inf)"),
-    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr", "nan"], "argument --lr: nan: give a finite number"),
     (["--weight-decay", "-1"], "--weight-decay must be a finite number in [0, inf)"),
-    (["--attention-weight-decay", "inf"], "--attention-weight-decay must be a finite number"),
+    (["--attention-weight-decay", "inf"], "argument --attention-weight-decay: inf: give a finite number"),
+    (["--attention-scale", "nan"], "--attention-scale must be a finite number"),
+    (["--device", "meta"], "--device meta: the scripts run on cpu, cuda or mps"),
     (["--val-every", "-1"], "--val-every must be >= 0"),
     (["--stop-at", "0"], "--stop-at must be >= 1"),
     (["--attention-scale", "-2"], "--attention-scale must be a finite number in (0, inf)"),
@@ -359,6 +367,221 @@ def test_damaged_or_foreign_checkpoints_name_the_path(foreground_run: Path, coho
 def test_make_cohort_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert exit_code(make_cohort_cli.main, ["--out", str(tmp_path), "--layout", "bids"]) == 2
     one_error_line(capsys, "invalid choice: 'bids'")
+
+
+# ------------------------------------------------------------------------- nothing lost, nothing silently wrong
+
+
+def files_of(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` (relative path) with its modification time."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_overwrite_checks_data_and_split_before_it_removes_the_finished_run(cohort: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    args = ["--data", str(cohort), "--iterations", "1", "--test-fraction", "0.5", "--out", str(out), *TINY]
+    assert train.main(args) == 0
+    before = files_of(out)
+    assert {"model.pt", "checkpoint.pt", "metrics.json"} <= before.keys()
+    capsys.readouterr()
+    for mistake, fragment in ((["--pattern", "flair=*nothing-matches*"], "no file for ['flair']"),
+                              (["--split", str(tmp_path / "nosuch.json")], "nosuch.json does not exist")):
+        assert train.main([*args, "--overwrite", *mistake]) == 2
+        one_error_line(capsys, fragment)
+        assert files_of(out) == before, mistake  # the finished run is still all there
+
+
+def lock_of(pid: int) -> str:
+    return json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2026-01-02 03:04:05"})
+
+
+def test_a_run_folder_in_use_is_refused_naming_its_process_and_a_stale_lock_is_taken_over(
+        foreground_run: Path, cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    args = ["--data", str(cohort), "--iterations", "1", "--test-fraction", "0.5", "--out", str(out), *TINY]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another training, running
+    try:
+        out.mkdir()
+        (out / LOCK_NAME).write_text(lock_of(other.pid))
+        for main, command in ((train.main, [*args, "--overwrite"]), (predict.main, [
+                "--checkpoint", str(foreground_run / "model.pt"), "--data", str(cohort), "--out", str(out)])):
+            assert main(command) == 2
+            one_error_line(capsys, f"--out {out} is in use by process {other.pid} on {socket.gethostname()}, "
+                           "started 2026-01-02 03:04:05")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written, the lock left alone
+    finally:
+        other.kill()
+        other.wait()
+    # The process is gone: its lock is stale, taken over with a note, and released at the end.
+    assert train.main(args) == 0
+    assert "note: taking over the stale lock" in capsys.readouterr().err
+    assert (out / "model.pt").is_file() and not (out / LOCK_NAME).exists()
+    # Released on error and on Ctrl-C too.
+    assert train.main([*args, "--split", str(tmp_path / "nosuch.json"), "--overwrite"]) == 2
+    assert not (out / LOCK_NAME).exists()
+
+    def interrupt(run, iteration):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training_loop, "train_step", interrupt)
+    assert train.main([*args, "--overwrite"]) == 130
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_the_lock_is_held_while_a_command_runs(tmp_path: Path) -> None:
+    out = tmp_path / "a" / "b"
+    with locked(out):
+        holder = json.loads((out / LOCK_NAME).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(UsageError, match=f"is in use by process {os.getpid()}"):
+            with locked(out):
+                pass
+        assert (out / LOCK_NAME).is_file()  # the refused second command did not remove the first one's lock
+    assert not (tmp_path / "a").exists()  # the folders it created, still empty, went with the lock
+
+
+PARSERS = {"train": train.build_parser, "evaluate": evaluate.build_parser, "predict": predict.build_parser,
+           "experiment": experiment.build_parser, "make_cohort": make_cohort_cli.build_parser}
+
+
+@pytest.mark.parametrize("script", sorted(PARSERS))
+def test_every_numeric_option_refuses_nan_and_infinity(script: str, capsys: pytest.CaptureFixture) -> None:
+    parser = PARSERS[script]()
+    options = [a for a in parser._actions if a.option_strings and a.nargs != 0]
+    # A number given without a type= would be a string that skips these checks.
+    assert not [a.dest for a in options if a.type is None and isinstance(a.default, (int, float))]
+    numeric = [a for a in options if a.type not in (None, str) and not a.choices]
+    assert numeric
+    for action in numeric:
+        flag = action.option_strings[0]
+        several = isinstance(action.nargs, int)  # --crop D H W: "-inf" there would read as an option
+        for value in ("nan", "inf", "1e999") if several else ("nan", "inf", "-inf", "1e999"):
+            argv = [flag, *[value] * action.nargs] if several else [f"{flag}={value}"]
+            with pytest.raises(SystemExit) as exit_:
+                parser.parse_args(argv)
+            assert exit_.value.code == 2, argv
+            one_error_line(capsys, f"argument {flag}", value)
+    # --min-lesion-size nan once removed every lesion (Dice 0) with exit status 0.
+    if script in ("evaluate", "predict"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--min-lesion-size", "nan"])
+        one_error_line(capsys, "argument --min-lesion-size: nan: give a finite number")
+
+
+def test_a_diverging_training_stops_at_the_first_non_finite_loss(cohort: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert train.main(["--data", str(cohort), "--iterations", "6", "--checkpoint-every", "1", "--test-fraction", "0.5",
+                       "--out", str(out), *TINY, "--lr", "1e6"]) == 2
+    err = one_error_line(capsys, "training diverged: the loss is nan at iteration ", "and no model.pt",
+                         "lower --lr (now 1e+06)")
+    stopped = int(err.split("at iteration ")[1].split()[0])
+    assert f"the last good checkpoint is {out / 'checkpoint.pt'} (iteration {stopped - 1})" in err
+    assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["iteration"] == stopped - 1
+    assert all(torch.isfinite(weight).all() for weight in state["model"].values() if weight.is_floating_point())
+
+
+def test_predict_overwrite_replaces_the_whole_earlier_prediction(foreground_run: Path, cohort: Path,
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "masks"
+    common = ["--checkpoint", str(foreground_run / "model.pt"), "--data", str(cohort), "--out", str(out)]
+    assert predict.main([*common, "--probabilities", "--label-lesions"]) == 0
+    assert (out / "sub-001_prob.nii.gz").is_file() and (out / "sub-001_lesions.nii.gz").is_file()
+    (out / "notes.md").write_text("mine")
+    assert predict.main([*common, "--overwrite"]) == 0
+    ids = [p.name for p in sorted(cohort.glob("sub-*"))]
+    assert {p.name for p in out.iterdir()} == {"notes.md", "report.csv", *(f"{i}{end}" for i in ids
+                                                                            for end in (".nii.gz", "_lesions.csv"))}
+    (out / "sub-001.nii.gz").unlink()
+    (out / "sub-001_lesions.csv").unlink()
+    (out / "sub-001_lesions.nii.gz").write_bytes(b"x")  # any file of an earlier prediction is refused without it
+    assert predict.main(common) == 2
+
+
+def test_predict_ignores_lesion_masks_it_does_not_need(foreground_run: Path, cohort: Path, tmp_path: Path) -> None:
+    data = copy_subjects(cohort, tmp_path / "data", ("t1", "t2", "flair"))
+    for name in ("mask1.nii.gz", "mask2.nii.gz"):  # two candidate lesion masks: train and evaluate must ask
+        shutil.copy(cohort / "sub-001" / "mask.nii.gz", data / "sub-001" / name)
+    mask = nib.load(cohort / "sub-002" / "mask.nii.gz")
+    nib.save(nib.Nifti1Image(np.full(mask.shape, 7, np.uint8), mask.affine), data / "sub-002" / "mask.nii.gz")
+    assert predict.main(["--checkpoint", str(foreground_run / "model.pt"), "--data", str(data), "--out",
+                         str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "sub-001.nii.gz").is_file() and (tmp_path / "p" / "sub-002.nii.gz").is_file()
+
+
+def test_evaluate_reads_only_the_split_test_ids_and_warns_about_training_subjects(
+        foreground_run: Path, cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    trained_on = torch.load(foreground_run / "model.pt", weights_only=False)["split"]
+    common = ["--checkpoint", str(foreground_run / "model.pt"), "--data", str(cohort)]
+    for k, train_ids in enumerate(([], ["sub-099"])):  # an empty or foreign 'train' list: evaluation reads only 'test'
+        split = tmp_path / f"split-{k}.json"
+        split.write_text(json.dumps({"train": train_ids, "test": trained_on["test"]}))
+        assert evaluate.main([*common, "--split", str(split), "--out", str(tmp_path / f"e{k}")]) == 0
+        assert json.loads((tmp_path / f"e{k}" / "metrics.json").read_text())["cases"] == len(trained_on["test"])
+    capsys.readouterr()
+    assert evaluate.main([*common, "--out", str(tmp_path / "all"), "--include-training-subjects"]) == 0
+    (note,) = json.loads((tmp_path / "all" / "metrics.json").read_text())["warnings"]
+    assert f"{len(trained_on['train'])} of the 4 subjects scored were used to train the model" in note
+    assert ", ".join(trained_on["train"]) in note
+    assert f"warning: {note}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+def test_a_device_this_machine_lacks_is_one_error_line(foreground_run: Path, cohort: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    model = ["--checkpoint", str(foreground_run / "model.pt"), "--data", str(cohort), "--out", str(tmp_path / "o")]
+    runs = ((train.main, ["--data", str(cohort), "--iterations", "1", "--out", str(tmp_path / "o"), *TINY]),
+            (predict.main, model), (evaluate.main, model))
+    for main, args in runs:
+        assert main([*args, "--device", "mps"]) == 2
+        one_error_line(capsys, "--device mps: this machine or torch", "has no Apple MPS device")
+    assert not (tmp_path / "o").exists()
+
+
+def output_commands(foreground_run: Path, cohort: Path, out: Path) -> list[tuple]:
+    """Each script that writes, with a command that would write into ``out``."""
+    model = ["--checkpoint", str(foreground_run / "model.pt"), "--data", str(cohort), "--out", str(out)]
+    return [(train.main, ["--data", str(cohort), "--iterations", "1", "--out", str(out), *TINY]),
+            (evaluate.main, [*model, "--include-training-subjects"]), (predict.main, model),
+            (experiment.main, ["--data", str(cohort), "--methods", "unet", "--splits", "1", "--out", str(out), "--",
+                               "--iterations", "1", *TINY]),
+            (make_cohort_cli.main, ["--out", str(out), "--small", "--subjects", "1", "--anatomy", "phantom"])]
+
+
+def test_an_output_that_is_or_lies_in_a_file_is_refused_before_any_work(foreground_run: Path, cohort: Path,
+                                                                       tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a user's file")
+    for main, args in output_commands(foreground_run, cohort, blocker / "out"):
+        assert main(args) == 2, main.__module__
+        one_error_line(capsys, f"{blocker} is a file, not a folder")
+    for main, args in output_commands(foreground_run, cohort, blocker)[:3]:  # predict once wrote "[Errno 17]" per subject
+        assert main(args) == 2, main.__module__
+        one_error_line(capsys, f"--out {blocker} is a file, not a folder")
+    assert blocker.read_text() == "a user's file"
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr (e2fsprogs)")
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(foreground_run: Path, cohort: Path,
+                                                                           tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    # As root chmod does not stop writes; an immutable folder does (where the file system allows chattr).
+    out = tmp_path / "read-only"
+    out.mkdir()
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not permitted here")
+    try:
+        with pytest.raises(OSError):
+            (out / "probe").write_text("x")
+        for main, args in output_commands(foreground_run, cohort, out):
+            assert main(args) == 2, main.__module__
+            one_error_line(capsys, f"--out {out} cannot be written", "fix its permissions")
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
 
 
 # ------------------------------------------------------------------------------------------------ layout

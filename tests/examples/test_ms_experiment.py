@@ -34,12 +34,26 @@ TINY = ["--preset", "demo", "--filters", "tiny", "--crop", "16", "32", "32", "--
     (["--train-fraction", "1.0"], "--train-fraction: must be a number in (0, 1)"),
     (["--train-fraction", "0"], "--train-fraction: must be a number in (0, 1)"),
     (["--train-fraction", "nan"], "--train-fraction: must be a number in (0, 1)"),
+    (["--cohort-preset", "bogus"], "argument --cohort-preset: invalid choice: 'bogus' (choose from demo, mni, paper, small)"),
+    (["--subjects", "0"], "argument --subjects: must be a whole number >= 1, got '0'"),
 ])
 def test_bad_split_arguments_are_refused_at_parse_time(flags: list[str], fragment: str, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_:
         experiment.main(["--data", str(tmp_path), "--out", str(tmp_path / "exp"), *flags])
     assert exit_.value.code == 2
+    one_error_line(capsys, fragment)
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--subjects", "3"], "--subjects 3 applies to the generated synthetic cohort, not to --data"),
+    (["--cohort-preset", "demo"], "--cohort-preset demo applies to the generated synthetic cohort, not to --data"),
+])
+def test_cohort_options_with_data_are_refused_instead_of_ignored(flags: list[str], fragment: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    # --subjects 3 with --data once ran on every subject of the folder.
+    assert experiment.main(["--data", str(tmp_path), "--out", str(tmp_path / "exp"), *flags]) == 2
     one_error_line(capsys, fragment)
     assert not (tmp_path / "exp").exists()
 

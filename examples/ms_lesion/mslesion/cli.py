@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -136,8 +137,24 @@ def list_cases(root: str | Path, options: DataOptions, *, require_mask: bool) ->
     return 1 if errors else 0
 
 
+def finite_float(text: str) -> float:
+    """argparse ``type=`` of every float option: a number that is neither NaN nor infinite.
+
+    NaN passes every ``>=`` and ``<`` check (``--min-lesion-size nan`` once removed every lesion), so each
+    float option is refused here first, and argparse names the flag: ``argument --lr: nan: give a finite
+    number``.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: give a finite number")
+    return value
+
+
 def _overlap(text: str) -> float:
-    value = float(text)
+    value = finite_float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
@@ -148,19 +165,19 @@ def add_inference_options(parser: argparse.ArgumentParser | argparse._ArgumentGr
     parser.add_argument("--overlap", type=_overlap, default=DEFAULT_OVERLAP,
                         help=f"sliding-window tile overlap, in [0, 1) (default: {DEFAULT_OVERLAP:g})")
     parser.add_argument(
-        "--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'... (default: auto)"
+        "--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'..., 'mps' (default: auto)"
     )
 
 
 def _mm3(text: str) -> float:
-    value = float(text)
+    value = finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 mm^3, got {text}")
     return value
 
 
 def _probability(text: str) -> float:
-    value = float(text)
+    value = finite_float(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be a probability in (0, 1), got {text}")
     return value
@@ -229,7 +246,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: generate the synthetic demo cohort in the cache and train the demo preset")
     parser.add_argument("--split", dest="split_file", default=None, help="split JSON {'train': [ids], 'test': [ids]} (experiment.py "
                         "writes these); default: a random split with --test-fraction")
-    parser.add_argument("--test-fraction", type=float, default=None,
+    parser.add_argument("--test-fraction", type=finite_float, default=None,
                         help="held-out fraction of subjects when no --split is given (default: 23/43, the paper)")
     add_data_options(parser)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -256,11 +273,11 @@ def add_training_options(train: argparse._ArgumentGroup) -> None:
                        help=f"crops per step, over all processes {_preset_default('batch_size')}")
     train.add_argument("--crop", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                        help=f"crop size, also the inference tile; multiples of 16 {_preset_default('crop')}")
-    train.add_argument("--lr", type=float, default=None, help=f"Adam learning rate {_default('lr')}")
+    train.add_argument("--lr", type=finite_float, default=None, help=f"Adam learning rate {_default('lr')}")
     train.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None, help="constant, or nnU-Net's polynomial "
                        f"decay lr*(1-i/iterations)^0.9 {_preset_default('lr_schedule')}")
-    train.add_argument("--weight-decay", type=float, default=None, help=f"Adam weight decay {_default('weight_decay')}")
-    train.add_argument("--attention-weight-decay", type=float, default=None,
+    train.add_argument("--weight-decay", type=finite_float, default=None, help=f"Adam weight decay {_default('weight_decay')}")
+    train.add_argument("--attention-weight-decay", type=finite_float, default=None,
                        help="Adam weight decay of the attention blocks; the paper's 1e-5 collapses an RSA block "
                        f"that starts as the identity (docs/ms_lesion_training.md) {_default('attention_weight_decay')}")
     train.add_argument("--loss-weights", choices=WEIGHTINGS, default=None,
@@ -270,7 +287,7 @@ def add_training_options(train: argparse._ArgumentGroup) -> None:
     train.add_argument("--loss", choices=LOSSES, default=None,
                        help="ce: the paper's class-weighted cross-entropy; dice-ce: nnU-Net's soft Dice of the lesion "
                        f"class plus that cross-entropy {_default('loss')}")
-    train.add_argument("--lesion-crop-fraction", type=float, default=None, help="probability that a crop is centred "
+    train.add_argument("--lesion-crop-fraction", type=finite_float, default=None, help="probability that a crop is centred "
                        f"on a lesion voxel {_preset_default('lesion_crop_fraction')}")
     train.add_argument("--crop-centre", choices=CENTRES, default=None,
                        help=f"other crops are centred on a random brain voxel or anywhere {_default('crop_centre')}")
@@ -278,7 +295,7 @@ def add_training_options(train: argparse._ArgumentGroup) -> None:
                        help="augmentation of each crop (batchgeneratorsv2): none (the paper's plain random crops), "
                        "light (mirroring, intensity), default (nnU-Net's default transforms), heavy (more often, "
                        f"stronger, elastic) {_preset_default('augment')}")
-    train.add_argument("--ema", type=float, default=None, metavar="DECAY",
+    train.add_argument("--ema", type=finite_float, default=None, metavar="DECAY",
                        help="keep an exponential moving average of the weights with this decay (e.g. 0.98) and "
                        f"save and evaluate it instead of the last weights; 0 = the last weights {_default('ema')}")
     train.add_argument("--no-prior-start", dest="prior_start", action="store_const", const=False, default=None,

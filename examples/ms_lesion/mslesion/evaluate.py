@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from .cli import (
     Parser, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
@@ -24,7 +23,7 @@ from .cli import (
 from .checkpoint import load_trained, spacing_warning
 from .data.reading import check_lesion_masks
 from .inference.sliding_window import evaluate_cases
-from .run import UsageError, check_split, read_split, refuse_existing, write_csv, write_json
+from .run import UsageError, check_split, locked, read_split, refuse_existing, write_csv, write_json
 from .training.runtime import configure_runtime, select_device
 
 OUTPUTS = ("metrics.json", "cases.csv")
@@ -49,22 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def refuse_training_subjects(ids: list[str], trained_on: list[str], include: bool) -> None:
-    """Refuse to score the model's own training subjects unless ``--include-training-subjects``."""
+def refuse_training_subjects(ids: list[str], trained_on: list[str], include: bool) -> list[str]:
+    """Refuse to score the model's own training subjects unless ``--include-training-subjects``.
+
+    Returns:
+        The training subjects among ``ids`` (scored with ``include``), sorted.
+    """
     seen = sorted(set(ids) & set(trained_on))
     if seen and not include:
         shown = ", ".join(seen[:5]) + (f" and {len(seen) - 5} more" if len(seen) > 5 else "")
         raise UsageError(f"{len(seen)} of the subjects to evaluate ({shown}) are subjects the model was trained on; "
                          "evaluate held-out subjects (--split with their ids in 'test'), or pass "
                          "--include-training-subjects to score them anyway")
+    return seen
 
 
-def warnings_for(summary: dict[str, float], rows: list[dict]) -> list[str]:
-    """What a reader of the scores must know: e.g. that every reference mask is empty."""
+def warnings_for(summary: dict[str, float], rows: list[dict], trained_on: Sequence[str] = ()) -> list[str]:
+    """What a reader of the scores must know: training subjects among the scored ones, or that every
+    reference mask is empty."""
+    notes = []
+    if trained_on:
+        notes.append(f"{len(trained_on)} of the {len(rows)} subjects scored were used to train the model "
+                     f"(--include-training-subjects: {', '.join(trained_on)}): their scores are optimistic, these "
+                     "are not held-out results")
     if rows and all(row["reference_voxels"] == 0 for row in rows):
-        return [f"every reference mask is empty ({len(rows)} subjects): Dice and IoU are 1 only where nothing is "
-                "predicted, and lesion-wise scores are undefined; these are not lesion-segmentation scores"]
-    return []
+        notes.append(f"every reference mask is empty ({len(rows)} subjects): Dice and IoU are 1 only where nothing is "
+                     "predicted, and lesion-wise scores are undefined; these are not lesion-segmentation scores")
+    return notes
 
 
 @command
@@ -72,32 +82,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = select_device(args.device)
     configure_runtime(args.threads, not args.no_malloc_tuning)
-    out = Path(args.out)
-    refuse_existing(out, OUTPUTS, args.overwrite)
     model, saved = load_trained(args.checkpoint, device)
     trained = saved.record.training
     options = data_options(args, trained.data_options)
     if args.list:
         return list_cases(args.data, options, require_mask=True)
-    say_nnunet_folders(args.data, options, args.nnunet_images)
-    found = options.find(args.data, nnunet_images=args.nnunet_images)
-    if args.split:
-        split = read_split(args.split)
-        check_split(split, [p.id for p in found], args.split)
-        found = [p for p in found if p.id in set(split["test"])]
-    if not found:
-        raise UsageError(f"no subject to evaluate in {args.data}")
-    refuse_training_subjects([p.id for p in found], saved.record.split["train"], args.include_training_subjects)
-    cases = [options.load(p) for p in found]
-    check_lesion_masks(cases, training=False)
-    spacing = [note for case in cases if (note := spacing_warning(saved.record, case.id, case.spacing))]
-    for note in spacing:  # before the long part
-        print(f"warning: {note}", file=sys.stderr)
-    summary, rows, _ = evaluate_cases(model, cases, trained.crop, overlap=args.overlap, device=device,
-                                      mirror=args.tta, min_lesion_mm3=args.min_lesion_size, threshold=args.threshold)
-    notes = warnings_for(summary, rows)
-    write_json(out / "metrics.json", {**summary, "warnings": spacing + notes})
-    write_csv(out / "cases.csv", rows)
+    with locked(args.out) as out:  # also the check that --out can be written, before the evaluation
+        refuse_existing(out, OUTPUTS, args.overwrite)
+        say_nnunet_folders(args.data, options, args.nnunet_images)
+        found = options.find(args.data, nnunet_images=args.nnunet_images)
+        if args.split:
+            split = read_split(args.split)
+            check_split(split, [p.id for p in found], args.split, training=False)  # only its test ids are read
+            found = [p for p in found if p.id in set(split["test"])]
+        if not found:
+            raise UsageError(f"no subject to evaluate in {args.data}")
+        seen = refuse_training_subjects([p.id for p in found], saved.record.split["train"],
+                                        args.include_training_subjects)
+        cases = [options.load(p) for p in found]
+        check_lesion_masks(cases, training=False)
+        spacing = [note for case in cases if (note := spacing_warning(saved.record, case.id, case.spacing))]
+        for note in spacing:  # before the long part
+            print(f"warning: {note}", file=sys.stderr)
+        summary, rows, _ = evaluate_cases(model, cases, trained.crop, overlap=args.overlap, device=device,
+                                          mirror=args.tta, min_lesion_mm3=args.min_lesion_size,
+                                          threshold=args.threshold)
+        notes = warnings_for(summary, rows, seen)
+        write_json(out / "metrics.json", {**summary, "warnings": spacing + notes})
+        write_csv(out / "cases.csv", rows)
     print(json.dumps({k: round(v, 4) for k, v in summary.items()}, indent=1))
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)

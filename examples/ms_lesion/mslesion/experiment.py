@@ -68,7 +68,7 @@ from .data.reading import DataOptions, read_json
 from .evaluation.report import differences_figure, network_cost, run_problems, write_report
 from .evaluation.figures import save_comparison
 from .model.unet import METHODS
-from .run import UsageError, check_split, fold_splits, random_split, read_split, write_json
+from .run import UsageError, check_split, check_writable, fold_splits, random_split, read_split, write_json
 from .evaluation.stats import BASELINE
 
 #: the folder that holds the mslesion package: the child processes import it from there
@@ -77,7 +77,7 @@ PAPER_TRAIN_FRACTION = 20 / 43
 SPLIT_PARAMETERS = "parameters.json"
 
 
-def _split_count(text: str) -> int:
+def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -85,6 +85,14 @@ def _split_count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
     return value
+
+
+def _cohort_preset(text: str) -> str:
+    from .synthetic.cohort import COHORT_PRESETS  # only the generated cohort needs the generator
+
+    if text not in COHORT_PRESETS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(sorted(COHORT_PRESETS))})")
+    return text
 
 
 def _fraction(text: str) -> float:
@@ -113,11 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(__doc__)
     parser.add_argument("--data", default=None, help="dataset folder; default: a synthetic cohort in the cache "
                         "(--cohort-preset, --subjects)")
-    parser.add_argument("--cohort-preset", default="small", help="synthetic preset without --data (default: small)")
-    parser.add_argument("--subjects", type=int, default=43, help="synthetic cohort size without --data (default: 43)")
+    parser.add_argument("--cohort-preset", type=_cohort_preset, default=None,
+                        help="synthetic preset without --data, as make_cohort.py's --preset (default: small)")
+    parser.add_argument("--subjects", type=_positive_int, default=None,
+                        help="synthetic cohort size without --data, >= 1 (default: 43)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help=f"methods to compare, each once; the paired statistics need {BASELINE} (default: all)")
-    parser.add_argument("--splits", type=_split_count, default=None,
+    parser.add_argument("--splits", type=_positive_int, default=None,
                         help="random splits, >= 1; at least 6 for a Wilcoxon p that can fall below 0.05 (default: 5)")
     parser.add_argument("--train-fraction", type=_fraction, default=None,
                         help="training fraction of the subjects, in (0, 1), leaving at least one test subject "
@@ -127,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "subjects, or 'loo' (leave one out)")
     parser.add_argument("--train-always", nargs="+", default=[], metavar="ID",
                         help="with --folds: subjects in every training set and never tested (e.g. synthetic ones)")
-    parser.add_argument("--seeds", type=_split_count, default=1,
+    parser.add_argument("--seeds", type=_positive_int, default=1,
                         help="trainings per split or fold, seeds 0..N-1 (default: 1: split k trains with seed k)")
     parser.add_argument("--out", default="runs/experiment", help="experiment folder (default: runs/experiment)")
     parser.add_argument("train_args", nargs="*", help="after '--': flags passed to every train.py run")
@@ -136,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Refuse train.py flags that experiment.py sets itself, and a method listed twice."""
+    """Refuse train.py flags that experiment.py sets itself, a method listed twice, and cohort options with
+    ``--data`` (they would be ignored)."""
+    for flag, value in (("--subjects", args.subjects), ("--cohort-preset", args.cohort_preset)):
+        if args.data is not None and value is not None:
+            raise UsageError(f"{flag} {value} applies to the generated synthetic cohort, not to --data {args.data}, "
+                             "whose subjects are all used; leave it out, or give a --data folder with only the "
+                             "subjects to use")
     forwarded = {flag for key, flag in FLAGS.items() if key.split(".")[0] in ("data", "data_options", "split_file",
                                                                           "method", "out", "seed")} | {"--list"}
     misplaced = sorted({flag.split("=")[0] for flag in args.train_args} & forwarded)
@@ -349,12 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_arguments(args)
     flags = training_parser().parse_args(args.train_args)
     out = Path(args.out)
+    if not args.list:
+        check_writable(out)  # before the cohort is generated and any run trains
     data = args.data
     if data is None:
         from .synthetic.cohort import default_cache_dir, make_cohort
 
-        data = str(default_cache_dir() / f"{args.cohort_preset}-cohort-{args.subjects}")
-        make_cohort(data, subjects=args.subjects, preset=args.cohort_preset, seed=0, montage=False)
+        preset, subjects = args.cohort_preset or "small", args.subjects or 43
+        data = str(default_cache_dir() / f"{preset}-cohort-{subjects}")
+        make_cohort(data, subjects=subjects, preset=preset, seed=0, montage=False)
     options = data_options(args)
     if args.list:
         return list_cases(data, options, require_mask=True)

@@ -19,10 +19,11 @@ import time
 from collections.abc import Sequence
 
 from .cli import Parser, command
+from .run import check_writable
 from .synthetic.cohort import ANATOMIES, COHORT_LAYOUTS, MONTAGE_NAME, COHORT_PRESETS, default_cache_dir, make_cohort
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         "Generate a synthetic multiple-sclerosis cohort (T1, T2, FLAIR, lesion mask, brain mask "
         "per subject, NIfTI), in one folder per subject or as an nnU-Net v2 raw dataset.",
@@ -54,6 +55,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "blur, bias, noise, artefacts and intensity clipping at random, as SynthSeg does (default: "
                         f"the preset's: {', '.join(sorted(n for n, p in COHORT_PRESETS.items() if p.randomise))} randomise)")
     parser.add_argument("--no-montage", action="store_true", help=f"do not write {MONTAGE_NAME}")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.subjects < 1:
         parser.error(f"--subjects must be >= 1, got {args.subjects}")
@@ -64,6 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.out or default_cache_dir() / f"cohort-{args.preset}-seed{args.seed}"
+    check_writable(out)
     start = time.perf_counter()
     out = make_cohort(out, subjects=args.subjects, preset=args.preset, seed=args.seed, anatomy=args.anatomy,
                       montage=not args.no_montage, layout=args.layout, randomise=args.randomise)

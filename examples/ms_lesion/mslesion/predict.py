@@ -12,15 +12,18 @@ and affine, written atomically:
     <out>/<id>_lesions.nii.gz    uint16 lesion labels = the CSV's label column   (--label-lesions)
     <out>/report.csv             one row per subject: id, lesions, volume_ml, largest_ml, mean_probability
 
-An existing mask is never replaced unless ``--overwrite``, and ``--out`` may not be a folder that holds
-input files. A subject that fails (unreadable file, wrong shape...) is reported on stderr and
-skipped; the exit status is 1 if any failed. A subject whose voxel size differs from the training
-subjects' by more than ``checkpoint.SPACING_TOLERANCE`` on an axis is segmented with a ``warning:`` line.
+An existing output is never replaced unless ``--overwrite``, which replaces the whole earlier prediction
+of these subjects (every file above, whatever options made it); ``--out`` may not be a folder that holds
+input files. Lesion masks in ``DIR`` are ignored. A subject that fails (unreadable file, wrong shape...)
+is reported on stderr and skipped; the exit status is 1 if any failed. A subject whose voxel size differs
+from the training subjects' by more than ``checkpoint.SPACING_TOLERANCE`` on an axis is segmented with a
+``warning:`` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,21 +43,31 @@ from .checkpoint import RunRecord, load_trained, spacing_warning
 from .data.reading import CasePaths, DataError, DataOptions, resolve_layout
 from .inference.sliding_window import segment
 from .inference.lesions import LESION_FIELDS, REPORT_FIELDS, label_lesions, lesion_table, remove_small_lesions, subject_summary
-from .run import UsageError, refuse_existing, save_atomically, write_csv
+from .run import UsageError, locked, refuse_existing, save_atomically, write_csv
 from .training.runtime import configure_runtime, select_device
 
 
-def outputs(case_id: str, args: argparse.Namespace) -> list[str]:
-    """The file names ``predict.py`` writes for one subject with these options."""
+REPORT = "report.csv"
+
+
+def outputs(case_id: str, args: argparse.Namespace | None = None) -> list[str]:
+    """The file names ``predict.py`` writes for one subject with these options (None: with every option)."""
+    probabilities, label_lesions = (True, True) if args is None else (args.probabilities, args.label_lesions)
     names = [f"{case_id}.nii.gz", f"{case_id}_lesions.csv"]
-    return names + [f"{case_id}_prob.nii.gz"] * args.probabilities + [f"{case_id}_lesions.nii.gz"] * args.label_lesions
+    return names + [f"{case_id}_prob.nii.gz"] * probabilities + [f"{case_id}_lesions.nii.gz"] * label_lesions
+
+
+def earlier_prediction(out: Path, case_ids: Sequence[str]) -> list[str]:
+    """The files in ``out`` that a prediction of ``case_ids`` (with any options) and its report may have written."""
+    names = [name for case_id in case_ids for name in outputs(case_id)] + [REPORT]
+    return [name for name in names if (out / name).is_file()]
 
 
 def predict_case(model: nn.Module, paths: CasePaths, out: Path, tile: Sequence[int], options: DataOptions,
                  args: argparse.Namespace, device: torch.device, record: RunRecord | None = None) -> dict[str, Any]:
     """Load, segment, post-process and write one subject; returns its ``report.csv`` row. With the model's
     ``record``, a voxel size unlike the training subjects' is a ``warning:`` line first."""
-    case = options.load(paths)
+    case = options.load(dataclasses.replace(paths, mask=None))  # a lesion mask, even a broken one, plays no part
     note = spacing_warning(record, case.id, case.spacing) if record is not None else None
     if note:
         print(f"warning: {note}", file=sys.stderr)
@@ -77,9 +90,8 @@ def predict_case(model: nn.Module, paths: CasePaths, out: Path, tile: Sequence[i
     return subject_summary(case.id, rows, np.asanyarray(mask_image.dataobj), source_probability)
 
 
-def check_out(out: Path, data: Path, subjects: Sequence[CasePaths], names: Sequence[str], overwrite: bool,
-              nnunet: bool) -> None:
-    """Refuse an ``--out`` among the input data, and existing outputs unless ``overwrite``.
+def check_out(out: Path, data: Path, subjects: Sequence[CasePaths], nnunet: bool) -> None:
+    """Refuse an ``--out`` among the input data.
 
     In the subject-folder layout any folder inside ``--data`` is (or would become) a subject folder, so
     the masks written there would be read as inputs later, whether or not its files were recognised
@@ -90,7 +102,6 @@ def check_out(out: Path, data: Path, subjects: Sequence[CasePaths], names: Seque
     target = out.resolve()
     if target in inputs or (not nnunet and target.is_relative_to(data.resolve())):
         raise UsageError(f"--out {out} is inside the input data {data}; write the masks to a folder outside it")
-    refuse_existing(out, names, overwrite)
 
 
 def onnx_model(model: nn.Module, tile: Sequence[int], device: torch.device) -> Any:
@@ -143,17 +154,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     say_nnunet_folders(args.data, options, args.nnunet_images)
     errors: dict[str, DataError] = {}
     subjects = options.find(args.data, require_mask=False, errors=errors, nnunet_images=args.nnunet_images)
-    out = Path(args.out)
-    names = [name for s in subjects for name in outputs(s.id, args)] + ["report.csv"]
-    check_out(out, Path(args.data), subjects, names, args.overwrite, resolve_layout(args.data, options.layout) == "nnunet")
-    if args.engine == "onnx":
-        model = onnx_model(model, trained.crop, device)
+    check_out(Path(args.out), Path(args.data), subjects, resolve_layout(args.data, options.layout) == "nnunet")
+    with locked(args.out) as out:  # also the check that --out can be written, before any subject
+        earlier = earlier_prediction(out, [*(s.id for s in subjects), *errors])
+        refuse_existing(out, earlier, args.overwrite)
+        if args.engine == "onnx":
+            model = onnx_model(model, trained.crop, device)
+        for name in earlier:  # --overwrite: the whole earlier prediction goes, not only the files written now
+            (out / name).unlink()
+        failed = predict_all(model, subjects, errors, out, trained.crop, options, args, device, saved.record)
+    total = len(subjects) + len(errors)
+    print(f"{total - len(failed)} of {total} subjects segmented into {out}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def predict_all(model: nn.Module, subjects: Sequence[CasePaths], errors: dict[str, DataError], out: Path,
+                tile: Sequence[int], options: DataOptions, args: argparse.Namespace, device: torch.device,
+                record: RunRecord) -> list[str]:
+    """Segment every subject into ``out`` and write ``report.csv``; a subject that fails is reported and skipped
+    (``record``: the model's, for the voxel-size warning).
+
+    Returns:
+        The ids that failed, ``errors``' first.
+    """
     for case_id, error in errors.items():  # missing or ambiguous files: reported, the others go on
         print(f"error: subject {case_id}: {error}", file=sys.stderr)
     failed, report = list(errors), []
     for paths in subjects:
         try:
-            report.append(predict_case(model, paths, out, trained.crop, options, args, device, saved.record))
+            report.append(predict_case(model, paths, out, tile, options, args, device, record))
         except (DataError, OSError, ValueError, RuntimeError) as error:
             failed.append(paths.id)
             print(f"error: subject {paths.id}: {error}", file=sys.stderr)
@@ -161,11 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = report[-1]
         print(f"{paths.id}: {out / (paths.id + '.nii.gz')} ({row['lesions']} lesions, {row['volume_ml']:.2f} mL)")
     if report:
-        write_csv(out / "report.csv", report, fields=REPORT_FIELDS)
-    total = len(subjects) + len(errors)
-    print(f"{total - len(failed)} of {total} subjects segmented into {out}"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+        write_csv(out / REPORT, report, fields=REPORT_FIELDS)
+    return failed
 
 
 if __name__ == "__main__":

@@ -3,15 +3,23 @@
 Everything a script writes goes through ``save_atomically`` (a temporary file in the same folder,
 fsync, rename), so a kill never leaves half a file. A run folder holds only the files in
 ``RUN_FILES`` (and ``predictions/<id>.npz``); ``--overwrite`` removes exactly those, nothing else.
+A command that writes into a folder holds its lock (``locked``) while it runs, so that a second one
+started into the same folder is refused instead of mixing the two runs' files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,7 @@ from sliceattn.io import save_atomically  # the scripts import it from here
 RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "model.pt", "log.csv", "split.json", "metrics.json", "cases.csv",
                               "figure.png", "attention.png")
 PREDICTIONS = "predictions"
+LOCK_NAME = ".mslesion.lock"   # held while a command writes into its folder (``locked``)
 
 
 class UsageError(ValueError):
@@ -99,8 +108,12 @@ def read_split(path: str | Path) -> dict[str, list[str]]:
     return {"train": [str(i) for i in split["train"]], "test": [str(i) for i in split["test"]]}
 
 
-def check_split(split: Mapping[str, Sequence[str]], ids: Iterable[str], source: str) -> None:
-    """Refuse a split with an id in both parts, an id twice, an id not in the data, or no training id."""
+def check_split(split: Mapping[str, Sequence[str]], ids: Iterable[str], source: str, *, training: bool = True) -> None:
+    """Refuse a split with an id in both parts, an id twice, an id not in the data, or no training id.
+
+    With ``training=False`` (evaluation, which reads only the ``test`` ids) the ``train`` ids may be
+    absent from the data and ``train`` may be empty.
+    """
     ids = set(ids)
     train, test = list(split["train"]), list(split["test"])
     both = sorted(set(train) & set(test))
@@ -109,10 +122,10 @@ def check_split(split: Mapping[str, Sequence[str]], ids: Iterable[str], source: 
     twice = sorted({i for i in train + test if (train + test).count(i) > 1})
     if twice:
         raise UsageError(f"split {source}: ids {twice} are listed twice")
-    unknown = sorted(set(train + test) - ids)
+    unknown = sorted(set(train + test if training else test) - ids)
     if unknown:
         raise UsageError(f"split {source}: ids {unknown} are not in the data (it has {sorted(ids)})")
-    if not train:
+    if training and not train:
         raise UsageError(f"split {source}: 'train' is empty")
 
 
@@ -144,6 +157,146 @@ def refuse_existing(out: Path, names: Sequence[str], overwrite: bool) -> None:
     if existing and not overwrite:
         shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         raise UsageError(f"--out {out} already holds {shown}; pass --overwrite to replace them, or choose another --out")
+
+
+# ------------------------------------------------------------------------------- writable folders, locks
+
+
+def _make_folders(out: Path, flag: str) -> list[Path]:
+    """Create ``out`` and its missing parents; returns the folders created, outermost first.
+
+    Raises:
+        UsageError: ``out`` or a folder above it is a file, or a folder cannot be created.
+    """
+    chain = [out.absolute(), *out.absolute().parents]
+    first = next(i for i, folder in enumerate(chain) if folder.exists())
+    if not chain[first].is_dir():
+        where = f"{flag} {out} is" if first == 0 else f"{flag} {out}: {chain[first]} is"
+        raise UsageError(f"{where} a file, not a folder; choose another {flag}")
+    created: list[Path] = []
+    try:
+        for folder in reversed(chain[:first]):
+            folder.mkdir()
+            created.append(folder)
+    except OSError as exc:
+        _remove_folders(created)
+        raise UsageError(f"{flag} {out} cannot be created ({exc.strerror}); fix the permissions of "
+                         f"{chain[first]} or choose another {flag}") from None
+    return created
+
+
+def _remove_folders(created: Sequence[Path]) -> None:
+    """Remove the folders ``_make_folders`` created, innermost first, as long as they are empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:  # something was written there: keep it and the folders above
+            return
+
+
+def _not_writable(out: Path, flag: str, exc: OSError) -> UsageError:
+    return UsageError(f"{flag} {out} cannot be written ({exc.strerror}); fix its permissions or choose another {flag}")
+
+
+def check_writable(out: str | Path, flag: str = "--out") -> None:
+    """Refuse an output folder that cannot be written, before any work: create it (and its parents) if
+    needed, create and remove a probe file in it, then remove the folders this created.
+
+    Raises:
+        UsageError: ``out`` is a file, lies inside a file, or cannot be created or written.
+    """
+    out = Path(out)
+    created = _make_folders(out, flag)
+    try:
+        handle, name = tempfile.mkstemp(prefix=".write-probe-", dir=out)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        raise _not_writable(out, flag, exc) from None
+    finally:
+        _remove_folders(created)
+
+
+def _read_lock(path: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        holder = None
+    return holder if isinstance(holder, dict) else {}
+
+
+def _running(pid: Any) -> bool:
+    """Whether process ``pid`` of this machine runs (True where that cannot be told)."""
+    if not isinstance(pid, int) or os.name == "nt":  # Windows' os.kill(pid, 0) would send it a Ctrl-C
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _holder(record: Mapping[str, Any]) -> str:
+    return (f"process {record.get('pid', '?')} on {record.get('host', '?')}, started {record.get('started', '?')}"
+            if record else "a process that left an unreadable lock")
+
+
+def _acquire(path: Path, flag: str) -> dict[str, Any]:
+    """Create the lock file ``path`` (it must not exist); a stale lock of a process gone is taken over.
+
+    Raises:
+        UsageError: another live process holds the lock, naming it; or the folder cannot be written.
+    """
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join(sys.argv)}
+    took_over = False
+    while True:
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = _read_lock(path)
+            if took_over or not holder or holder.get("host") != record["host"] or _running(holder.get("pid")):
+                raise UsageError(f"{flag} {path.parent} is in use by {_holder(holder)} (lock file {path}); wait for "
+                                 f"it to finish or choose another {flag}; if that process is gone, delete {path}"
+                                 ) from None
+            print(f"note: taking over the stale lock {path} of {_holder(holder)}, which no longer runs",
+                  file=sys.stderr)
+            path.unlink(missing_ok=True)
+            took_over = True
+        except OSError as exc:
+            raise _not_writable(path.parent, flag, exc) from None
+    with os.fdopen(handle, "w") as lock:
+        json.dump(record, lock)
+    return record
+
+
+@contextlib.contextmanager
+def locked(out: str | Path, flag: str = "--out") -> Iterator[Path]:
+    """Hold the lock of the output folder ``out`` while the block runs (creating ``out`` if needed).
+
+    The lock file (``LOCK_NAME``) records the pid, host and start time; a second command into the same
+    folder is refused naming them, and a lock left by a process that no longer runs (same host) is taken
+    over with a note. The lock is released however the block ends (return, error, Ctrl-C); folders
+    created here that are still empty then are removed. Creating the lock file is also the check that
+    ``out`` can be written.
+
+    Raises:
+        UsageError: ``out`` is in use, is a file, or cannot be created or written.
+    """
+    out = Path(out)
+    created = _make_folders(out, flag)
+    try:
+        record = _acquire(out / LOCK_NAME, flag)
+        try:
+            yield out
+        finally:
+            if _read_lock(out / LOCK_NAME) == record:  # never remove a lock another process took over
+                (out / LOCK_NAME).unlink(missing_ok=True)
+    finally:
+        _remove_folders(created)
 
 
 def file_digest(path: str | Path) -> str:

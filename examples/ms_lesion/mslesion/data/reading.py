@@ -296,7 +296,8 @@ def find_cases(
         patterns: role -> glob pattern replacing the built-in rule of that role (roles: modality
             names, ``"mask"``, ``"brain_mask"``); in the nnU-Net layout the modality rules and patterns
             are matched against the ``dataset.json`` channel names.
-        require_mask: raise if a case has no lesion mask (else its ``mask`` is ``None``).
+        require_mask: raise if a case has no lesion mask or several candidates (else its ``mask`` is ``None``
+            then: a caller that needs no mask, such as prediction, is not stopped by the mask's files).
         errors: if given, a case with a missing or ambiguous file is left out and its error
             stored here under its id instead of raised (so one bad subject does not stop a batch).
         nnunet_images: the nnU-Net layout's image folders to read: ``"imagesTr"``, ``"imagesTs"`` or
@@ -428,6 +429,8 @@ def _find_subject_folders(
         if not files:
             continue  # not a subject folder (docs, a cache...)
         found = _assign(list(files), roles, patterns)
+        if not require_mask and len(found["mask"]) > 1:  # an optional mask is not chosen among candidates
+            found["mask"] = []
         ambiguous = {role: names for role, names in found.items() if len(names) > 1}
         if ambiguous:
             role, names = next(iter(ambiguous.items()))

@@ -2,8 +2,9 @@
 
 The shape of a run (nnU-Net's ``run_training`` without the class hierarchy)::
 
-    prepare_out_folder -> load_training_data -> build_run -> resume_or_start
-    -> for each iteration: train_step, on_iteration_end (log, validate, checkpoint) -> finish
+    lock --out -> prepare_out_folder -> load_training_data -> build_run -> resume_or_start
+    -> (--overwrite: remove the old run) -> for each iteration: train_step, on_iteration_end (log, validate,
+    checkpoint) -> finish
 
 ``run_training`` takes one ``TrainingConfig`` (config.py) and nothing else. The checkpoint (written and
 read by ``checkpoint.py``) records that configuration, the split, a content hash of every input file and
@@ -13,7 +14,9 @@ the training subjects' voxel spacings; ``--resume`` refuses a command that diffe
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import math
 import os
 import random
 import sys
@@ -45,7 +48,7 @@ from .monitor import (
     stayed_uniform, watch, with_recent_effect,
 )
 from ..run import (
-    UsageError, changed_files, check_split, file_digest, random_split, read_split, remove_run, run_files,
+    UsageError, changed_files, check_split, file_digest, locked, random_split, read_split, remove_run, run_files,
     save_atomically, write_csv, write_json,
 )
 from .runtime import amp_dtype, configure_runtime, peak_memory_mb
@@ -100,8 +103,9 @@ class Run:
 # ------------------------------------------------------------------------------------------------ setup
 
 
-def prepare_out_folder(config: TrainingConfig, main_process: bool) -> Path:
-    """Check ``--out`` against ``--resume``/``--overwrite`` before any work; ``--overwrite`` removes the old run.
+def prepare_out_folder(config: TrainingConfig) -> Path:
+    """Check ``--out`` against ``--resume``/``--overwrite`` before any work (``--overwrite`` removes the old run
+    only once the data, the split and the model are checked: ``run_training``).
 
     Raises:
         UsageError: the folder holds a run and neither flag says what to do with it.
@@ -115,8 +119,6 @@ def prepare_out_folder(config: TrainingConfig, main_process: bool) -> Path:
                          "with --resume, replace it with --overwrite, or choose another --out")
     if config.resume and existing and not (out / "checkpoint.pt").is_file():
         raise UsageError(f"--resume: {out} holds run files but no checkpoint.pt to continue from; use --overwrite")
-    if config.overwrite and main_process:
-        remove_run(out)
     return out
 
 
@@ -321,7 +323,9 @@ def validate(run: Run) -> dict[str, float]:
 
 
 def save_checkpoint(run: Run, iteration: int) -> None:
-    """The resumable state, atomically, and the log so far."""
+    """The resumable state, atomically, and the log so far; weights that are not finite are never saved."""
+    if not finite_weights(run.network):
+        raise diverged(run, iteration, "the weights are not finite")
     state = ResumeState(iteration, run.elapsed, run.network.state_dict(), run.optimizer.state_dict(),
                         run.scaler.state_dict(), rng_state(), run.ema.state_dict() if run.ema is not None else None)
     write_checkpoint(run.out / "checkpoint.pt", run.record, state)
@@ -357,14 +361,30 @@ def train_loop(run: Run, stop: int) -> None:
         for iteration in range(run.start + 1, stop + 1):
             tick = time.perf_counter()
             loss = train_step(run, iteration)
+            if not math.isfinite(loss):  # every process sees the same global loss: all stop here
+                raise diverged(run, iteration, f"the loss is {loss}")
             run.elapsed += time.perf_counter() - tick
             if iteration == run.start + 3 and run.main_process:
                 report_estimate(run, time.perf_counter() - tick, stop - iteration)
             on_iteration_end(run, iteration, loss, stop, bar)
     except KeyboardInterrupt:
-        bar.close()
         raise KeyboardInterrupt(interrupted_message(run)) from None
-    bar.close()
+    finally:
+        bar.close()
+
+
+def finite_weights(network: nn.Module) -> bool:
+    """Whether every floating-point weight and buffer of ``network`` is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in network.state_dict().values() if t.is_floating_point())
+
+
+def diverged(run: Run, iteration: int, what: str) -> UsageError:
+    """The one-line error that stops a run whose loss or weights stopped being finite (nothing more is saved)."""
+    kept = (f"the last good checkpoint is {run.out / 'checkpoint.pt'} (iteration {run.saved})" if run.saved
+            else "no checkpoint was written")
+    amp = ", or train without autocast (--amp none)" if run.amp_dtype is not None else ""
+    return UsageError(f"training diverged: {what} at iteration {iteration} of {run.config.iterations}; {kept} and no "
+                      f"model.pt; lower --lr (now {run.config.lr:g}){amp}, then start again (--overwrite)")
 
 
 def interrupted_message(run: Run) -> str:
@@ -377,38 +397,47 @@ def interrupted_message(run: Run) -> str:
 
 
 def run_training(config: TrainingConfig) -> dict[str, Any]:
-    """Run the training ``config`` describes; returns the final metrics (rank 0) or {}."""
+    """Run the training ``config`` describes; returns the final metrics (rank 0) or {}.
+
+    Rank 0 holds the lock of ``--out`` (``run.locked``) from before the first check to the end: a second
+    training into the same folder is refused naming this one.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device(config.device)
     if config.batch_size % world:
         raise UsageError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
     check_crop(config.network_config, config.crop, config.batch_size, device)
-    out = prepare_out_folder(config, rank == 0)
-    configure_runtime(config.threads, config.malloc_tuning, processes=world if device.type == "cpu" else 1)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = False
-    run = build_run(config, load_training_data(config, rank == 0), out, device, rank, world)
-    resume_or_start(run)
-    result: dict[str, Any] = {}
+    with locked(config.out) if rank == 0 else contextlib.nullcontext():
+        out = prepare_out_folder(config)
+        configure_runtime(config.threads, config.malloc_tuning, processes=world if device.type == "cpu" else 1)
+        if world > 1:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.backends.cudnn.benchmark = False
+        run = build_run(config, load_training_data(config, rank == 0), out, device, rank, world)
+        resume_or_start(run)
+        if config.overwrite and run.main_process:  # the data, split and model are checked: now the old run goes
+            remove_run(out)
+        result = train_and_finish(run)
+        if world > 1:
+            dist.destroy_process_group()
+    return result
+
+
+def train_and_finish(run: Run) -> dict[str, Any]:
+    """Train up to ``--stop-at`` or the end, then (rank 0, at the end) ``finish``; a finished run does nothing."""
+    config, out = run.config, run.out
     if run.start == config.iterations and (out / "metrics.json").is_file():
         if run.main_process:
             print(f"{out} is already finished with these options ({config.iterations} iterations): nothing to do")
-    else:
-        if run.main_process:
-            out.mkdir(parents=True, exist_ok=True)
-        stop = min(config.iterations, config.stop_at or config.iterations)
-        train_loop(run, stop)
-        if world > 1:
-            dist.barrier()
-        if run.main_process and stop == config.iterations:
-            result = finish(run)
-    if world > 1:
-        dist.destroy_process_group()
-    return result
+        return {}
+    stop = min(config.iterations, config.stop_at or config.iterations)
+    train_loop(run, stop)
+    if run.world > 1:
+        dist.barrier()
+    return finish(run) if run.main_process and stop == config.iterations else {}
 
 
 def report_estimate(run: Run, seconds: float, remaining: int) -> None:
@@ -424,6 +453,8 @@ def finish(run: Run) -> dict[str, Any]:
     """Write the final model, the held-out metrics, the predictions and the figures; print where."""
     config, out = run.config, run.out
     peak, peak_kind = peak_memory_mb(run.device)
+    if not finite_weights(run.kept):
+        raise diverged(run, config.iterations, "the final weights are not finite")
     write_model(out / "model.pt", run.record, run.kept.state_dict())
     write_json(out / "split.json", run.data.split)
     state = with_recent_effect(attention_state(run.network), run.log)

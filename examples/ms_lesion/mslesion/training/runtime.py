@@ -21,14 +21,15 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """``"auto"`` -> this process's CUDA device when CUDA is present, else the CPU; else ``torch.device(name)``.
 
     Raises:
-        UsageError: an unknown device name, or CUDA asked for where there is none.
+        UsageError: an unknown device name, a kind other than cpu, cuda and mps, or a device this machine
+            does not have (CUDA, a CUDA index beyond its devices, Apple's MPS).
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"--device {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
@@ -36,6 +37,14 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
             device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {name}: this machine or torch ({torch.__version__}) has no Apple MPS device; "
+                             "use --device cpu")
+        if device.index not in (None, 0):
+            raise UsageError(f"--device {name}: there is one MPS device, mps (or mps:0)")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name}: the scripts run on cpu, cuda or mps, not {device.type}")
     return device
 
 
