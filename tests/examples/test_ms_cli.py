@@ -26,6 +26,7 @@ from mslesion.checkpoint import read
 from mslesion.data.reading import default_roles, find_cases
 from mslesion.run import LOCK_NAME, UsageError, locked
 from mslesion.training import loop as training_loop
+from mslesion.checkpoint import read as read_checkpoint
 from mslesion.synthetic.cohort import make_cohort
 from cli_checks import exit_code, one_error_line
 
@@ -479,9 +480,10 @@ def test_a_diverging_training_stops_at_the_first_non_finite_loss(cohort: Path, t
     stopped = int(err.split("at iteration ")[1].split()[0])
     assert f"the last good checkpoint is {out / 'checkpoint.pt'} (iteration {stopped - 1})" in err
     assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert state["iteration"] == stopped - 1
-    assert all(torch.isfinite(weight).all() for weight in state["model"].values() if weight.is_floating_point())
+    saved = read_checkpoint(out / "checkpoint.pt")
+    assert saved.state is not None and saved.state.iteration == stopped - 1
+    for weights in (saved.weights, saved.state.network):
+        assert all(torch.isfinite(weight).all() for weight in weights.values() if weight.is_floating_point())
 
 
 def test_predict_overwrite_replaces_the_whole_earlier_prediction(foreground_run: Path, cohort: Path,
@@ -514,7 +516,7 @@ def test_predict_ignores_lesion_masks_it_does_not_need(foreground_run: Path, coh
 
 def test_evaluate_reads_only_the_split_test_ids_and_warns_about_training_subjects(
         foreground_run: Path, cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    trained_on = torch.load(foreground_run / "model.pt", weights_only=False)["split"]
+    trained_on = read_checkpoint(foreground_run / "model.pt").record.split
     common = ["--checkpoint", str(foreground_run / "model.pt"), "--data", str(cohort)]
     for k, train_ids in enumerate(([], ["sub-099"])):  # an empty or foreign 'train' list: evaluation reads only 'test'
         split = tmp_path / f"split-{k}.json"
