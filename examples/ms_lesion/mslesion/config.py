@@ -2,7 +2,7 @@
 
 ``cli.make_config`` (``train.py``, ``experiment.py``) parses the command line, fills the preset's values,
 chooses the device and the demo cohort, and builds one frozen ``TrainingConfig``;
-``training.run_training`` takes that object and nothing else. ``FLAGS`` is the one list of its fields,
+``training.loop.run_training`` takes that object and nothing else. ``FLAGS`` is the one list of its fields,
 each with the flag that sets it: ``make_config`` fills every field from it, and the checks and the
 ``--resume`` differences name the flags through it. Checkpoints (``checkpoint.py``) store
 ``TrainingConfig.record()`` under ``"training"``. ``--resume`` compares every field except

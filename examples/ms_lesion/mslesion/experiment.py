@@ -23,7 +23,7 @@ is refused (train.py lists the differences), so re-running the same command cont
 and a changed command never mixes results. The data options (--modalities, --pattern...) go before
 '--': the splits and the figures use them too.
 
-Statistics (stats.py), for sample Dice, voxel Dice and lesion F1: every method is paired with unet on
+Statistics (evaluation.stats), for sample Dice, voxel Dice and lesion F1: every method is paired with unet on
 each split both ran, d = method - unet. The table shows the mean of d in points with its 95 % t
 interval (mean ± t(0.975, n-1) sd/sqrt(n); the percentile bootstrap, also in results.json, is too
 narrow at 5-15 splits) and the two-sided Wilcoxon signed-rank p (exact; zero differences dropped).

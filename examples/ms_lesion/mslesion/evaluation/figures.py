@@ -6,7 +6,7 @@ the reference itself), yellow for false positives, blue for missed voxels.
 ``save_attention_figure``: where the RSA block's three steps look from one lesion.
 ``save_montage``: a subject's modalities with the lesion outline (the synthetic cohort's montage).
 ``save_paired_differences``: each method's per-split difference from the baseline, with the mean and
-its interval (``stats.py``).
+its interval (``evaluation.stats``).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def save_attention_figure(
     title: str = "",
     dpi: int = 110,
 ) -> Path:
-    """Where the RSA block's three steps look from one lesion (``inference.lesion_attention``).
+    """Where the RSA block's three steps look from one lesion (``inference.sliding_window.lesion_attention``).
 
     Args:
         path: output PNG, written atomically.

@@ -253,7 +253,7 @@ def write_report(out: Path, summary: dict[str, Any], results: dict[str, list[dic
 
 
 def differences_figure(results: Mapping[str, Sequence[Mapping[str, Any]]], out: Path) -> Path | None:
-    """``paired_differences.png`` (``figures.save_paired_differences``); None without a comparison."""
+    """``paired_differences.png`` (``evaluation.figures.save_paired_differences``); None without a comparison."""
     comparisons = paired_comparisons(results)
     if not any(comparisons.values()):
         return None

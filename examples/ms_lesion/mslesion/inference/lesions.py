@@ -3,7 +3,7 @@
 Everything here works on the subject's original grid (after ``Case.to_original``), so voxel indices map
 to millimetres through the NIfTI affine: a lesion's centroid is ``affine @ (i, j, k, 1)`` and its volume
 the voxel count times ``|det(affine[:3, :3])|``. Lesions are 26-connected components, as in
-``metrics.py``.
+``evaluation.metrics``.
 """
 
 from __future__ import annotations

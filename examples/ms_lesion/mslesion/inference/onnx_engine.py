@@ -86,7 +86,7 @@ def onnx_network(model: nn.Module, tile: Sequence[int], *, path: str | Path | No
     """Export ``model`` (to ``path``, or a temporary file removed once loaded) and load it in onnxruntime.
 
     Args:
-        model: the network (a ``UNet3d`` from ``model.py``), exported in eval mode.
+        model: the network (a ``UNet3d`` from ``model.unet``), exported in eval mode.
         tile: the sliding-window tile ``(d, h, w)``.
         path: where to keep the ONNX file; None: a temporary file.
         threads: see :class:`OnnxNetwork`.

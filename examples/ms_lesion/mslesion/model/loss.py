@@ -61,7 +61,7 @@ class WeightedCrossEntropy(nn.Module):
     holding the whole batch.
 
     Args:
-        r: mean lesion fraction of the training set (``data.mean_lesion_fraction``).
+        r: mean lesion fraction of the training set (``data.sampling.mean_lesion_fraction``).
         weighting: ``"swapped"`` (default), ``"literal"`` or ``"none"``; see ``class_weights``.
         distributed: reduce the denominator over the default process group.
     """
