@@ -20,6 +20,7 @@ from .data.reading import LABEL2_MODES, LAYOUTS, MODALITIES, NNUNET_IMAGES, NORM
 from .inference.sliding_window import DEFAULT_OVERLAP, DEFAULT_THRESHOLD
 from .inference.lesions import DEFAULT_MIN_LESION_MM3
 from .run import UsageError
+from .training.runtime import AMP_CHOICES
 
 class Parser(argparse.ArgumentParser):
     """argparse with whole option names only (no silent abbreviations) and a one-line ``error:`` message."""
@@ -182,6 +183,11 @@ def add_runtime_options(parser: argparse.ArgumentParser | argparse._ArgumentGrou
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="keep glibc's default allocator settings (default: large tensors come from the heap "
                         "instead of a fresh mmap each time, as MALLOC_MMAP_MAX_=0 does: faster CPU training steps)")
+
+
+def add_amp_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str) -> None:
+    """``--amp``: the autocast dtype (``runtime.resolve_amp``); ``default`` is the help's account of the default."""
+    parser.add_argument("--amp", choices=AMP_CHOICES, default=None, help=f"autocast dtype: {default}")
 
 
 def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .cli import (
-    Parser, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
+    Parser, add_amp_option, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
     add_runtime_options, command, data_options, list_cases, say_nnunet_folders,
 )
 from .config import recorded_config
@@ -24,9 +24,11 @@ from .data.reading import check_lesion_masks
 from .inference.sliding_window import evaluate_cases
 from .model.unet import load_trained
 from .run import UsageError, check_split, read_split, refuse_existing, write_csv, write_json
-from .training.runtime import configure_runtime, select_device
+from .training.runtime import amp_dtype, configure_runtime, inference_amp, select_device
 
 OUTPUTS = ("metrics.json", "cases.csv")
+AMP_HELP = ("auto, bf16, fp16 or none as in train.py (default: the one the run used for its own evaluation, so that "
+            "its metrics.json is reproduced; float32 where this device cannot run that one fast)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_options(parser)
     add_postprocessing_options(parser)
     add_runtime_options(parser)
+    add_amp_option(parser, AMP_HELP)
     return parser
 
 
@@ -77,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = data_options(args, trained.data_options)
     if args.list:
         return list_cases(args.data, options, require_mask=True)
+    amp = inference_amp(args.amp, trained.amp, trained.device, device)
     say_nnunet_folders(args.data, options, args.nnunet_images)
     found = options.find(args.data, nnunet_images=args.nnunet_images)
     if args.split:
@@ -89,9 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = [options.load(p) for p in found]
     check_lesion_masks(cases, training=False)
     summary, rows, _ = evaluate_cases(model, cases, trained.crop, overlap=args.overlap, device=device,
-                                      mirror=args.tta, min_lesion_mm3=args.min_lesion_size, threshold=args.threshold)
+                                      amp_dtype=amp_dtype(amp, device), mirror=args.tta,
+                                      min_lesion_mm3=args.min_lesion_size, threshold=args.threshold)
     notes = warnings_for(summary, rows)
-    write_json(out / "metrics.json", {**summary, "warnings": notes})
+    write_json(out / "metrics.json", {**summary, "amp": amp, "warnings": notes})
     write_csv(out / "cases.csv", rows)
     print(json.dumps({k: round(v, 4) for k, v in summary.items()}, indent=1))
     for note in notes:

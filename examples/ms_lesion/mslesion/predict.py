@@ -32,16 +32,16 @@ import torch
 from torch import nn
 
 from .cli import (
-    Parser, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
+    Parser, add_amp_option, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
     add_runtime_options, command, data_options, list_cases, say_nnunet_folders,
 )
-from .config import recorded_config
+from .config import TrainingConfig, recorded_config
 from .data.reading import CasePaths, DataError, DataOptions, resolve_layout
 from .inference.sliding_window import segment
 from .inference.lesions import LESION_FIELDS, REPORT_FIELDS, label_lesions, lesion_table, remove_small_lesions, subject_summary
 from .model.unet import load_trained
 from .run import UsageError, refuse_existing, save_atomically, write_csv
-from .training.runtime import configure_runtime, select_device
+from .training.runtime import amp_dtype, configure_runtime, inference_amp, select_device
 
 
 def outputs(case_id: str, args: argparse.Namespace) -> list[str]:
@@ -51,11 +51,12 @@ def outputs(case_id: str, args: argparse.Namespace) -> list[str]:
 
 
 def predict_case(model: nn.Module, paths: CasePaths, out: Path, tile: Sequence[int], options: DataOptions,
-                 args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Load, segment, post-process and write one subject; returns its ``report.csv`` row."""
+                 args: argparse.Namespace, device: torch.device, autocast: torch.dtype | None = None) -> dict[str, Any]:
+    """Load, segment (under ``autocast``, None for float32), post-process and write one subject; returns its
+    ``report.csv`` row."""
     case = options.load(paths)
     probability, mask = segment(model, case.image, tile, threshold=args.threshold, overlap=args.overlap, device=device,
-                                mirror=args.tta)
+                                amp_dtype=autocast, mirror=args.tta)
     mask = remove_small_lesions(mask, np.diag([*case.spacing, 1.0]), args.min_lesion_size)
     labels, count = label_lesions(mask)
     # On the source grid: voxel indices map to millimetres through its affine.
@@ -104,6 +105,20 @@ def onnx_model(model: nn.Module, tile: Sequence[int], device: torch.device) -> A
     return onnx_network(model, tile)
 
 
+def choose_amp(args: argparse.Namespace, trained: TrainingConfig, device: torch.device) -> str:
+    """The autocast of this prediction: ``inference_amp``'s with ``--engine torch``; float32 with onnxruntime.
+
+    Raises:
+        UsageError: ``--amp bf16`` or ``fp16`` with ``--engine onnx``.
+    """
+    if args.engine != "onnx":
+        return inference_amp(args.amp, trained.amp, trained.device, device)
+    if args.amp in ("bf16", "fp16"):
+        raise UsageError(f"--engine onnx runs the network in float32; --amp {args.amp} needs --engine torch")
+    print("autocast: none (onnxruntime runs the network in float32)")
+    return "none"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="model.pt (or checkpoint.pt) written by train.py")
@@ -122,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_nnunet_images_option(parser)
     add_inference_options(parser)
     add_runtime_options(parser)
+    add_amp_option(parser, "auto, bf16, fp16 or none as in train.py (default: the one the run used for its own "
+                   "evaluation; float32 where this device cannot run that one fast, and with --engine onnx)")
     return parser
 
 
@@ -141,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     names = [name for s in subjects for name in outputs(s.id, args)] + ["report.csv"]
     check_out(out, Path(args.data), subjects, names, args.overwrite, resolve_layout(args.data, options.layout) == "nnunet")
+    amp = choose_amp(args, trained, device)
     if args.engine == "onnx":
         model = onnx_model(model, trained.crop, device)
     for case_id, error in errors.items():  # missing or ambiguous files: reported, the others go on
@@ -148,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed, report = list(errors), []
     for paths in subjects:
         try:
-            report.append(predict_case(model, paths, out, trained.crop, options, args, device))
+            report.append(predict_case(model, paths, out, trained.crop, options, args, device, amp_dtype(amp, device)))
         except (DataError, OSError, ValueError, RuntimeError) as error:
             failed.append(paths.id)
             print(f"error: subject {paths.id}: {error}", file=sys.stderr)

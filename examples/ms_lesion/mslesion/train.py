@@ -32,13 +32,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data.augment import AUGMENTATIONS
-from .cli import Parser, add_data_options, add_inference_options, add_runtime_options, command, data_options, list_cases
+from .cli import (
+    Parser, add_amp_option, add_data_options, add_inference_options, add_runtime_options, command, data_options,
+    list_cases,
+)
 from .config import LR_SCHEDULES, PRESETS, TrainingConfig, parse_attention_scale, parse_filters
 from .data.reading import CENTRES
 from .model.loss import LOSSES, WEIGHTINGS
 from .model.unet import FILTER_PRESETS, METHODS
 from .run import UsageError
-from .training.runtime import AMP_CHOICES, select_device
+from .training.runtime import select_device
 from .training.loop import run_training
 
 # Each default lives in TrainingConfig (or PRESETS); the parser's defaults are None, "not given".
@@ -133,8 +136,9 @@ def add_run_options(run: argparse._ArgumentGroup) -> None:
                      f"subjects, 0 = only at the end {_preset_default('val_every')}")
     add_inference_options(run)
     add_runtime_options(run)
-    run.add_argument("--amp", choices=AMP_CHOICES, default=None, help="CUDA autocast dtype; auto = bf16 where "
-                     f"supported, else fp16; ignored on CPU {_default('amp')}")
+    add_amp_option(run, "auto: on CUDA bf16 where supported, else fp16; on the CPU bf16 where the CPU executes it "
+                   "natively (AVX-512 BF16 or AMX), else float32; none: float32; fp16 is refused on the CPU; the run "
+                   f"records the choice {_default('amp')}")
     run.add_argument("--stop-at", type=int, default=None,
                      help="stop after this iteration as if killed (checkpoint written): for testing --resume")
     run.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,

@@ -13,6 +13,7 @@ command that differs in anything but ``config.RUN_FIELDS``, listing the differen
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import random
 import sys
@@ -46,7 +47,7 @@ from ..run import (
     UsageError, changed_files, check_split, file_digest, random_split, read_split, remove_run, run_files,
     save_atomically, write_csv, write_json,
 )
-from .runtime import amp_dtype, configure_runtime, peak_memory_mb
+from .runtime import amp_dtype, configure_runtime, describe_amp, peak_memory_mb, recorded_amp, resolve_amp
 
 DEMO_SUBJECTS = 12
 LOG_FIELDS = ("iteration", "loss", "seconds", "val_sample_dice", "val_voxel_dice", "val_voxel_lesion_f1")
@@ -241,7 +242,8 @@ def check_resumable(run: Run, state: dict[str, Any], path: Path) -> None:
     """Refuse to continue ``state`` with another configuration, split or input files, listing what differs."""
     if "training" not in state:
         raise UsageError(f"--resume: {path} was written by another version of train.py; start a new run (--overwrite)")
-    changed = run.config.resume_differences(state["training"])
+    recorded = {**state["training"], "amp": recorded_amp(state["training"].get("amp", "auto"), state["training"]["device"])}
+    changed = run.config.resume_differences(recorded)
     if state["split"] != run.meta["split"]:
         changed.append(f"the split: recorded {state['split']}, now {run.meta['split']}")
     files = changed_files(state["files"], run.meta["files"])
@@ -372,10 +374,15 @@ def interrupted_message(run: Run) -> str:
 
 
 def run_training(config: TrainingConfig) -> dict[str, Any]:
-    """Run the training ``config`` describes; returns the final metrics (rank 0) or {}."""
+    """Run the training ``config`` describes; returns the final metrics (rank 0) or {}.
+
+    ``config.amp`` is resolved for the device first (``runtime.resolve_amp``: ``auto`` becomes bf16 on a CPU
+    that executes it natively, else float32), and the run records the resolved choice.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device(config.device)
+    config = dataclasses.replace(config, amp=resolve_amp(config.amp, device))  # the run records what it used
     if config.batch_size % world:
         raise UsageError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
     network_config = model_config(config.method, in_channels=len(config.data_options.modalities),
@@ -388,6 +395,8 @@ def run_training(config: TrainingConfig) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = False
+    if rank == 0:
+        print(describe_amp(config.amp, device))
     run = build_run(config, network_config, load_training_data(config, rank == 0), out, device, rank, world)
     resume_or_start(run)
     result: dict[str, Any] = {}
