@@ -145,6 +145,16 @@ def test_runs_recorded_before_the_choice_was_resolved_used_float32_on_the_cpu() 
     assert runtime.recorded_amp("auto", "cuda:0") in ("bf16", "fp16")
 
 
+def test_a_run_recorded_with_auto_resumes_as_the_float32_it_used(cohort: Path, tmp_path: Path,
+                                                                   no_native_bf16: None) -> None:
+    args = ["--data", str(cohort), "--iterations", "2", "--test-fraction", "0.5", "--out", str(tmp_path / "run"), *TINY]
+    assert train.main([*args, "--stop-at", "1"]) == 0
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state["training"]["amp"] = "auto"  # as runs recorded it before the choice was resolved
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    assert train.main([*args, "--resume"]) == 0
+
+
 # -------------------------------------------------------------------------------------- evaluate, predict
 
 
@@ -239,4 +249,14 @@ def test_bf16_masks_match_float32_on_the_same_model(fitted: tuple[torch.nn.Modul
     dice = 2 * agreement.tp / (2 * agreement.tp + agreement.fp + agreement.fn)
     assert dice > 0.97, dice
     assert abs(label_lesions(low_mask)[1] - label_lesions(mask)[1]) <= 1
-    assert np.abs(low_probability - probability).max() < 0.1
+    assert 0 < np.abs(low_probability - probability).max() < 0.1  # bf16 did run, and stayed close
+
+
+def test_the_experiment_table_says_which_autocast_its_runs_used() -> None:
+    from mslesion.evaluation.report import COLUMNS, table
+
+    def run(amp: str) -> dict:
+        return {"summary": {key: 0.5 for key, _ in COLUMNS}, "train_seconds": 1.0, "peak_memory_mb": 1.0,
+                "peak_memory_kind": "cpu-max-rss", "training": {"amp": amp, "device": "cpu"}}
+
+    assert "autocast: bf16, none." in table({"unet": [run("bf16"), run("auto")]})  # "auto" on the CPU: float32
