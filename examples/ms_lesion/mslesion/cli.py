@@ -205,6 +205,11 @@ def add_runtime_options(parser: argparse.ArgumentParser | argparse._ArgumentGrou
                         "instead of a fresh mmap each time, as MALLOC_MMAP_MAX_=0 does: faster CPU training steps)")
 
 
+def add_amp_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str) -> None:
+    """``--amp``: the autocast dtype (``runtime.resolve_amp``); ``default`` is the help's account of the default."""
+    parser.add_argument("--amp", choices=AMP_CHOICES, default=None, help=f"autocast dtype: {default}")
+
+
 def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
     """Wrap a script's ``main``: a ``UsageError`` or ``DataError`` becomes one ``error:`` line and exit 2, Ctrl-C
     one line and exit 130."""
@@ -318,8 +323,9 @@ def add_run_options(run: argparse._ArgumentGroup) -> None:
                      f"subjects, 0 = only at the end {_preset_default('val_every')}")
     add_inference_options(run)
     add_runtime_options(run)
-    run.add_argument("--amp", choices=AMP_CHOICES, default=None, help="CUDA autocast dtype; auto = bf16 where "
-                     f"supported, else fp16; ignored on CPU {_default('amp')}")
+    add_amp_option(run, "auto: on CUDA bf16 where supported, else fp16; on the CPU bf16 where the CPU executes it "
+                   "natively (AVX-512 BF16 or AMX), else float32; none: float32; fp16 is refused on the CPU; the run "
+                   f"records the choice {_default('amp')}")
     run.add_argument("--stop-at", type=int, default=None,
                      help="stop after this iteration as if killed (checkpoint written): for testing --resume")
     run.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,

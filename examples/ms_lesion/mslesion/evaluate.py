@@ -17,16 +17,18 @@ import sys
 from collections.abc import Sequence
 
 from .cli import (
-    Parser, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
+    Parser, add_amp_option, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
     add_runtime_options, command, data_options, list_cases, say_nnunet_folders,
 )
 from .checkpoint import load_trained, spacing_warning
 from .data.reading import check_lesion_masks
 from .inference.sliding_window import evaluate_cases
 from .run import UsageError, check_split, locked, read_split, refuse_existing, write_csv, write_json
-from .training.runtime import configure_runtime, select_device
+from .training.runtime import amp_dtype, configure_runtime, inference_amp, select_device
 
 OUTPUTS = ("metrics.json", "cases.csv")
+AMP_HELP = ("auto, bf16, fp16 or none as in train.py (default: the one the run used for its own evaluation, so that "
+            "its metrics.json is reproduced; float32 where this device cannot run that one fast)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_options(parser)
     add_postprocessing_options(parser)
     add_runtime_options(parser)
+    add_amp_option(parser, AMP_HELP)
     return parser
 
 
@@ -87,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = data_options(args, trained.data_options)
     if args.list:
         return list_cases(args.data, options, require_mask=True)
+    amp = inference_amp(args.amp, trained.amp, trained.device, device)
     with locked(args.out) as out:  # also the check that --out can be written, before the evaluation
         refuse_existing(out, OUTPUTS, args.overwrite)
         say_nnunet_folders(args.data, options, args.nnunet_images)
@@ -105,10 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in spacing:  # before the long part
             print(f"warning: {note}", file=sys.stderr)
         summary, rows, _ = evaluate_cases(model, cases, trained.crop, overlap=args.overlap, device=device,
-                                          mirror=args.tta, min_lesion_mm3=args.min_lesion_size,
-                                          threshold=args.threshold)
+                                          amp_dtype=amp_dtype(amp, device), mirror=args.tta,
+                                          min_lesion_mm3=args.min_lesion_size, threshold=args.threshold)
         notes = warnings_for(summary, rows, seen)
-        write_json(out / "metrics.json", {**summary, "warnings": spacing + notes})
+        write_json(out / "metrics.json", {**summary, "amp": amp, "warnings": spacing + notes})
         write_csv(out / "cases.csv", rows)
     print(json.dumps({k: round(v, 4) for k, v in summary.items()}, indent=1))
     for note in notes:

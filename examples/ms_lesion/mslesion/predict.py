@@ -36,15 +36,16 @@ import torch
 from torch import nn
 
 from .cli import (
-    Parser, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
+    Parser, add_amp_option, add_data_options, add_inference_options, add_nnunet_images_option, add_postprocessing_options,
     add_runtime_options, command, data_options, list_cases, say_nnunet_folders,
 )
 from .checkpoint import RunRecord, load_trained, spacing_warning
+from .config import TrainingConfig
 from .data.reading import CasePaths, DataError, DataOptions, resolve_layout
 from .inference.sliding_window import segment
 from .inference.lesions import LESION_FIELDS, REPORT_FIELDS, label_lesions, lesion_table, remove_small_lesions, subject_summary
 from .run import UsageError, locked, refuse_existing, save_atomically, write_csv
-from .training.runtime import configure_runtime, select_device
+from .training.runtime import amp_dtype, configure_runtime, inference_amp, select_device
 
 
 REPORT = "report.csv"
@@ -64,15 +65,17 @@ def earlier_prediction(out: Path, case_ids: Sequence[str]) -> list[str]:
 
 
 def predict_case(model: nn.Module, paths: CasePaths, out: Path, tile: Sequence[int], options: DataOptions,
-                 args: argparse.Namespace, device: torch.device, record: RunRecord | None = None) -> dict[str, Any]:
-    """Load, segment, post-process and write one subject; returns its ``report.csv`` row. With the model's
-    ``record``, a voxel size unlike the training subjects' is a ``warning:`` line first."""
+                 args: argparse.Namespace, device: torch.device, record: RunRecord | None = None,
+                 autocast: torch.dtype | None = None) -> dict[str, Any]:
+    """Load, segment (under ``autocast``, None for float32), post-process and write one subject; returns its
+    ``report.csv`` row. With the model's ``record``, a voxel size unlike the training subjects' is a ``warning:``
+    line first."""
     case = options.load(dataclasses.replace(paths, mask=None))  # a lesion mask, even a broken one, plays no part
     note = spacing_warning(record, case.id, case.spacing) if record is not None else None
     if note:
         print(f"warning: {note}", file=sys.stderr)
     probability, mask = segment(model, case.image, tile, threshold=args.threshold, overlap=args.overlap, device=device,
-                                mirror=args.tta)
+                                amp_dtype=autocast, mirror=args.tta)
     mask = remove_small_lesions(mask, np.diag([*case.spacing, 1.0]), args.min_lesion_size)
     labels, count = label_lesions(mask)
     # On the source grid: voxel indices map to millimetres through its affine.
@@ -119,6 +122,20 @@ def onnx_model(model: nn.Module, tile: Sequence[int], device: torch.device) -> A
     return onnx_network(model, tile)
 
 
+def choose_amp(args: argparse.Namespace, trained: TrainingConfig, device: torch.device) -> str:
+    """The autocast of this prediction: ``inference_amp``'s with ``--engine torch``; float32 with onnxruntime.
+
+    Raises:
+        UsageError: ``--amp bf16`` or ``fp16`` with ``--engine onnx``.
+    """
+    if args.engine != "onnx":
+        return inference_amp(args.amp, trained.amp, trained.device, device)
+    if args.amp in ("bf16", "fp16"):
+        raise UsageError(f"--engine onnx runs the network in float32; --amp {args.amp} needs --engine torch")
+    print("autocast: none (onnxruntime runs the network in float32)")
+    return "none"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="model.pt (or checkpoint.pt) written by train.py; with "
@@ -138,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_nnunet_images_option(parser)
     add_inference_options(parser)
     add_runtime_options(parser)
+    add_amp_option(parser, "auto, bf16, fp16 or none as in train.py (default: the one the run used for its own "
+                   "evaluation; float32 where this device cannot run that one fast, and with --engine onnx)")
     return parser
 
 
@@ -155,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors: dict[str, DataError] = {}
     subjects = options.find(args.data, require_mask=False, errors=errors, nnunet_images=args.nnunet_images)
     check_out(Path(args.out), Path(args.data), subjects, resolve_layout(args.data, options.layout) == "nnunet")
+    amp = choose_amp(args, trained, device)
     with locked(args.out) as out:  # also the check that --out can be written, before any subject
         earlier = earlier_prediction(out, [*(s.id for s in subjects), *errors])
         refuse_existing(out, earlier, args.overwrite)
@@ -162,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = onnx_model(model, trained.crop, device)
         for name in earlier:  # --overwrite: the whole earlier prediction goes, not only the files written now
             (out / name).unlink()
-        failed = predict_all(model, subjects, errors, out, trained.crop, options, args, device, saved.record)
+        failed = predict_all(model, subjects, errors, out, trained.crop, options, args, device, saved.record,
+                             amp_dtype(amp, device))
     total = len(subjects) + len(errors)
     print(f"{total - len(failed)} of {total} subjects segmented into {out}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
@@ -171,9 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def predict_all(model: nn.Module, subjects: Sequence[CasePaths], errors: dict[str, DataError], out: Path,
                 tile: Sequence[int], options: DataOptions, args: argparse.Namespace, device: torch.device,
-                record: RunRecord) -> list[str]:
-    """Segment every subject into ``out`` and write ``report.csv``; a subject that fails is reported and skipped
-    (``record``: the model's, for the voxel-size warning).
+                record: RunRecord, autocast: torch.dtype | None) -> list[str]:
+    """Segment every subject into ``out`` (under ``autocast``) and write ``report.csv``; a subject that fails is
+    reported and skipped (``record``: the model's, for the voxel-size warning).
 
     Returns:
         The ids that failed, ``errors``' first.
@@ -183,7 +204,7 @@ def predict_all(model: nn.Module, subjects: Sequence[CasePaths], errors: dict[st
     failed, report = list(errors), []
     for paths in subjects:
         try:
-            report.append(predict_case(model, paths, out, tile, options, args, device, record))
+            report.append(predict_case(model, paths, out, tile, options, args, device, record, autocast))
         except (DataError, OSError, ValueError, RuntimeError) as error:
             failed.append(paths.id)
             print(f"error: subject {paths.id}: {error}", file=sys.stderr)

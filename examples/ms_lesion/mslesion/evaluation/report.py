@@ -24,6 +24,7 @@ from ..checkpoint import read
 from .figures import save_paired_differences
 from ..model.unet import build_model
 from ..run import save_atomically, write_json
+from ..training.runtime import recorded_amp
 from .stats import BASELINE, PairedComparison, compare_paired, format_interval, format_p
 
 COLUMNS = (("sample_dice", "Sample-avg Dice"), ("voxel_dice", "Voxel-avg Dice"), ("sample_iou", "Sample-avg IoU"),
@@ -133,8 +134,11 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
                   f"{np.mean([r['peak_memory_mb'] for r in runs]):.0f}", str(len(runs))]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     kinds = {r["peak_memory_kind"] for runs in results.values() for r in runs}
+    amps = {recorded_amp(r["training"].get("amp", "auto"), r["training"].get("device", "cpu"))
+            for runs in results.values() for r in runs if "training" in r}
     lines.append("")
-    lines.append(f"Scores in % (mean ± std over splits); peak memory: {', '.join(sorted(kinds))}.")
+    lines.append(f"Scores in % (mean ± std over splits); peak memory: {', '.join(sorted(kinds))}"
+                 + (f"; autocast: {', '.join(sorted(amps))}" if amps else "") + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -79,7 +79,7 @@ def sliding_window_probabilities(
         overlap: fraction of a tile shared with its neighbour, in [0, 1).
         batch_size: tiles per forward pass.
         device: where the model runs.
-        amp_dtype: autocast dtype on CUDA (``torch.bfloat16``/``torch.float16``), or None.
+        amp_dtype: autocast dtype (``torch.bfloat16``; ``torch.float16`` on CUDA), or None for float32.
         mirror: test-time augmentation: average each tile's probabilities over its 8 mirrorings
             (every subset of the three axes flipped, as nnU-Net does); 8 times the work.
 
@@ -104,11 +104,7 @@ def sliding_window_probabilities(
     weight = gaussian_weight(tile).to(device)
     total: Tensor | None = None
     norm = torch.zeros(padded, device=device)
-    autocast = (
-        torch.autocast(device.type, dtype=amp_dtype)
-        if amp_dtype is not None and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     windows = list(_tiles(padded, tile, overlap))
     for first in range(0, len(windows), batch_size):
         chunk = windows[first : first + batch_size]
@@ -198,7 +194,7 @@ def evaluate_cases(
         tile: sliding-window tile ``(d, h, w)``, usually the training crop.
         overlap: tile overlap in [0, 1).
         device: where the model runs.
-        amp_dtype: CUDA autocast dtype or None.
+        amp_dtype: autocast dtype or None (``sliding_window_probabilities``).
         mirror: mirroring test-time augmentation (``sliding_window_probabilities``).
         min_lesion_mm3: remove predicted lesions smaller than this (``lesions.remove_small_lesions``).
         threshold: the lesion-probability threshold of the masks (``segment``).

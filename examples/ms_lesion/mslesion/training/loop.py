@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import math
 import os
 import random
@@ -51,7 +52,7 @@ from ..run import (
     UsageError, changed_files, check_split, file_digest, locked, random_split, read_split, remove_run, run_files,
     save_atomically, write_csv, write_json,
 )
-from .runtime import amp_dtype, configure_runtime, peak_memory_mb
+from .runtime import amp_dtype, configure_runtime, describe_amp, peak_memory_mb, resolve_amp
 
 DEMO_SUBJECTS = 12
 LOG_FIELDS = ("iteration", "loss", "seconds", "val_sample_dice", "val_voxel_dice", "val_voxel_lesion_f1")
@@ -400,11 +401,13 @@ def run_training(config: TrainingConfig) -> dict[str, Any]:
     """Run the training ``config`` describes; returns the final metrics (rank 0) or {}.
 
     Rank 0 holds the lock of ``--out`` (``run.locked``) from before the first check to the end: a second
-    training into the same folder is refused naming this one.
+    training into the same folder is refused naming this one. ``config.amp`` is resolved for the device first (``runtime.resolve_amp``: ``auto`` becomes bf16 on a CPU
+    that executes it natively, else float32), and the run records the resolved choice.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device(config.device)
+    config = dataclasses.replace(config, amp=resolve_amp(config.amp, device))  # the run records what it used
     if config.batch_size % world:
         raise UsageError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
     check_crop(config.network_config, config.crop, config.batch_size, device)
@@ -416,6 +419,8 @@ def run_training(config: TrainingConfig) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.backends.cudnn.benchmark = False
+        if rank == 0:
+            print(describe_amp(config.amp, device))
         run = build_run(config, load_training_data(config, rank == 0), out, device, rank, world)
         resume_or_start(run)
         if config.overwrite and run.main_process:  # the data, split and model are checked: now the old run goes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -115,15 +116,140 @@ def configure_runtime(threads: int | None = None, malloc_tuning: bool = True, pr
     return threads
 
 
-def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp`` on ``device`` (None on the CPU or with ``none``)."""
+# Measured on this project's AVX2 machine (AMD EPYC, torch 2.13): without oneDNN's bf16 kernels a bf16
+# Conv3d takes torch's reference path, 130x slower than float32 (10.4 s against 0.08 s, 2 x 16 x 32^3).
+NO_NATIVE_BF16 = ("this CPU has no native bf16 (AVX-512 BF16 or AMX), so torch runs bf16 convolutions on a reference "
+                  "kernel, up to 100x slower than float32")
+_warned: set[str] = set()
+
+
+def native_cpu_bf16() -> str | None:
+    """The instructions by which this CPU executes bf16 natively, or None.
+
+    Native means bf16 dot products in hardware (AMX on Intel Sapphire Rapids and later, AVX-512 BF16 on
+    those and on AMD Zen 4 and later) and a torch whose oneDNN runs bf16 convolutions. torch's own
+    queries answer where they exist; else the Linux ``/proc/cpuinfo`` flags. ARM CPUs with bf16 are not
+    detected (not measured here): ``--amp bf16`` still runs them in bf16.
+
+    Returns:
+        ``"AMX"``, ``"AVX-512 BF16"`` or None.
+    """
+    if not onednn_bf16():
+        return None
+    queries = (("AMX", "_is_amx_tile_supported", "amx_bf16"), ("AVX-512 BF16", "_is_avx512_bf16_supported", "avx512_bf16"))
+    flags: set[str] | None = None
+    for name, query, flag in queries:
+        if hasattr(torch.cpu, query):
+            if getattr(torch.cpu, query)():
+                return name
+            continue
+        if flags is None:
+            flags = cpu_flags()
+        if flag in flags:
+            return name
+    return None
+
+
+def onednn_bf16() -> bool:
+    """Whether torch's oneDNN runs bf16 convolutions on this CPU (True where torch cannot say)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the query: the CPU's flags decide alone
+        return True
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+            for flag in line.split(":", 1)[1].split()}
+
+
+def resolve_amp(choice: str, device: torch.device) -> str:
+    """The autocast ``--amp choice`` means on ``device``: ``"bf16"``, ``"fp16"`` or ``"none"`` (float32).
+
+    ``auto``: on CUDA bf16 where the GPU supports it, else fp16; on the CPU bf16 where it is native
+    (``native_cpu_bf16``), else float32. An explicit ``bf16`` on a CPU without native bf16 is honoured
+    with one warning (once per process): it is very slow there.
+
+    Raises:
+        UsageError: ``fp16`` on the CPU.
+    """
     if choice not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {AMP_CHOICES}, got {choice!r}")
-    if device.type != "cuda" or choice == "none":
-        return None
+    if device.type == "cuda":
+        if choice == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return choice
+    if choice == "fp16":
+        raise UsageError(f"--amp fp16 is for CUDA; on the CPU ({device}) use --amp bf16 (fast where the CPU executes "
+                         "bf16 natively) or none (float32)")
+    native = native_cpu_bf16()
     if choice == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if choice == "bf16" else torch.float16
+        return "bf16" if native else "none"
+    if choice == "bf16" and not native and "bf16" not in _warned:
+        _warned.add("bf16")
+        print(f"warning: --amp bf16: {NO_NATIVE_BF16}; --amp auto uses float32 here", file=sys.stderr)
+    return choice
+
+
+def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--amp choice`` on ``device`` (``resolve_amp``), None for float32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[resolve_amp(choice, device)]
+
+
+def describe_amp(choice: str, device: torch.device) -> str:
+    """One line saying which autocast a resolved ``choice`` is and why, for the scripts' output."""
+    if choice == "none":
+        why = "; this CPU has no native bf16" if device.type == "cpu" and native_cpu_bf16() is None else ""
+        return f"autocast: none (float32{why})"
+    native = native_cpu_bf16() if device.type == "cpu" else None
+    where = f"native {native}" if native else (f"{device}, not native: slow" if device.type == "cpu" else str(device))
+    return f"autocast: {choice} ({where}; the loss, the softmax and the attention logits stay float32)"
+
+
+def recorded_amp(amp: str, device: str) -> str:
+    """The autocast a run recorded as ``--amp amp`` on ``device`` used.
+
+    Runs record the resolved choice; a run recorded before that (``"auto"``) used float32 on the CPU
+    (autocast was CUDA-only then) and bf16 or fp16 on CUDA.
+    """
+    if amp != "auto":
+        return amp
+    if not device.startswith("cuda"):
+        return "none"
+    return "fp16" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16"
+
+
+def inference_amp(requested: str | None, trained_amp: str, trained_device: str, device: torch.device) -> str:
+    """The autocast of ``evaluate.py``/``predict.py``, printed: ``--amp`` when given, else the one the run used for
+    its own evaluation (``recorded_amp``), unless this device cannot run that one fast: then float32, with a
+    warning saying why.
+
+    Args:
+        requested: ``--amp``, or None.
+        trained_amp, trained_device: the ``amp`` and ``device`` the run recorded.
+        device: where the model runs now.
+
+    Returns:
+        The resolved choice (``resolve_amp``).
+    """
+    if requested is not None:
+        choice = resolve_amp(requested, device)
+    else:
+        used = recorded_amp(trained_amp, trained_device)
+        choice = used
+        if device.type == "cpu" and (used == "fp16" or (used == "bf16" and native_cpu_bf16() is None)):
+            why = "is refused on the CPU" if used == "fp16" else f"would be slow here ({NO_NATIVE_BF16}; --amp bf16 forces it)"
+            print(f"warning: the run evaluated itself with {used} autocast, which {why}: using float32, so the scores "
+                  "may differ slightly from the run's metrics.json", file=sys.stderr)
+            choice = "none"
+        choice = resolve_amp(choice, device)
+    print(describe_amp(choice, device))
+    return choice
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
